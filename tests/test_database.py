@@ -1,0 +1,304 @@
+"""Database: URL handling, options, per-dialect defaults, in-memory SQLite
+shared between threads, and fork safety on real servers."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import threading
+import traceback
+import typing as t
+
+import pytest
+from conftest import StartResponseRecorder
+from conftest import server_url
+from sqlalchemy import Engine
+from sqlalchemy import event
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+from sqlalchemy.orm import scoped_session
+
+from wsgi_scoped import SQLITE_BUSY_TIMEOUT
+from wsgi_scoped import Database
+from wsgi_scoped import ScopedSessionMiddleware
+
+if t.TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse
+    from _typeshed.wsgi import WSGIEnvironment
+
+
+@pytest.fixture
+def memory_db() -> t.Iterator[Database]:
+    db = Database("sqlite://")
+    with db.engine.begin() as connection:
+        connection.execute(text("CREATE TABLE item (name VARCHAR(50))"))
+    yield db
+    db.remove()
+    db.engine.dispose()
+
+
+def connect_params(engine: Engine) -> dict[str, t.Any]:
+    """The keyword arguments the driver's connect() really received."""
+    seen: dict[str, t.Any] = {}
+
+    @event.listens_for(engine, "do_connect")
+    def capture(dialect: t.Any, record: t.Any, cargs: t.Any, cparams: t.Any) -> None:
+        seen.update(cparams)
+
+    engine.connect().close()
+    return seen
+
+
+def test_database_is_a_scoped_session(memory_db: Database) -> None:
+    assert isinstance(memory_db, scoped_session)
+    assert isinstance(memory_db.engine, Engine)
+    session = memory_db()
+    assert isinstance(session, Session)
+    assert memory_db() is session
+    assert session.get_bind() is memory_db.engine
+
+
+def test_url_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: t.Any) -> None:
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'env.db'}")
+    db = Database()
+    assert db.engine.url.database == str(tmp_path / "env.db")
+    db.engine.dispose()
+
+
+@pytest.mark.parametrize("value", [None, ""])
+def test_missing_url_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, value: str | None
+) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    if value is not None:
+        monkeypatch.setenv("DATABASE_URL", value)
+    with pytest.raises(
+        TypeError,
+        match=r"No database URL: pass one to Database\(\), e.g. Database\('sqlite:///app.db'\),"
+        r" or set the DATABASE_URL environment variable.",
+    ):
+        Database()
+
+
+def test_unknown_option_fails_at_construction() -> None:
+    with pytest.raises(TypeError, match="pool_sise"):
+        Database("sqlite://", pool_sise=3)
+
+
+def test_repr_hides_password() -> None:
+    db = Database("postgresql+psycopg://app:secret@127.0.0.1/app")
+    assert "secret" not in repr(db)
+    assert repr(db) == "<Database 'postgresql+psycopg://app:***@127.0.0.1/app'>"
+
+
+def test_session_and_engine_options_pass_through(tmp_path: t.Any) -> None:
+    class AppSession(Session):
+        pass
+
+    db = Database(
+        f"sqlite:///{tmp_path / 'options.db'}",
+        expire_on_commit=False,
+        class_=AppSession,
+        pool_size=3,
+        echo_pool=True,
+    )
+    session = db()
+    assert isinstance(session, AppSession)
+    assert session.expire_on_commit is False
+    assert db.engine.pool.size() == 3  # type: ignore[attr-defined]
+    assert db.engine.pool.echo is True
+    db.remove()
+    db.engine.dispose()
+
+
+def test_sqlite_file_has_busy_timeout(tmp_path: t.Any) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'busy.db'}")
+    assert connect_params(db.engine)["timeout"] == SQLITE_BUSY_TIMEOUT
+    db.engine.dispose()
+
+
+def test_connect_args_merge_with_defaults(tmp_path: t.Any) -> None:
+    db = Database(
+        f"sqlite:///{tmp_path / 'busy.db'}",
+        connect_args={"timeout": 2, "isolation_level": None},
+    )
+    params = connect_params(db.engine)
+    assert params["timeout"] == 2
+    assert params["isolation_level"] is None
+    db.engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
+def test_server_databases_pre_ping(backend: str) -> None:
+    db = Database(server_url(backend))
+    assert db.engine.pool._pre_ping is True  # type: ignore[attr-defined]
+    with db.engine.connect() as connection:
+        assert connection.execute(text("SELECT 1")).scalar_one() == 1
+    db.engine.dispose()
+    assert (
+        Database(server_url(backend), pool_pre_ping=False).engine.pool._pre_ping
+        is False
+    )  # type: ignore[attr-defined]
+
+
+def test_memory_database_shared_by_threads(memory_db: Database) -> None:
+    def write() -> None:
+        memory_db().execute(text("INSERT INTO item VALUES ('from a thread')"))
+        memory_db().commit()
+        memory_db.remove()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    writer.join(timeout=10)
+    names = memory_db().execute(text("SELECT name FROM item")).scalars().all()
+    assert names == ["from a thread"]
+
+
+def test_memory_database_never_shares_a_transaction(memory_db: Database) -> None:
+    """A second request waits for the connection instead of reading the
+    first request's uncommitted row."""
+    holding, reader_started = threading.Event(), threading.Event()
+    counts: list[int] = []
+
+    def first_request() -> None:
+        memory_db().execute(text("INSERT INTO item VALUES ('uncommitted')"))
+        holding.set()
+        reader_started.wait(timeout=10)
+        # Give the reader time to ask for the connection while it is held.
+        threading.Event().wait(0.2)
+        memory_db.remove()
+
+    def second_request() -> None:
+        holding.wait(timeout=10)
+        reader_started.set()
+        counts.append(
+            memory_db().execute(text("SELECT count(*) FROM item")).scalar_one()
+        )
+        memory_db.remove()
+
+    threads = [
+        threading.Thread(target=first_request),
+        threading.Thread(target=second_request),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert counts == [0]
+    assert memory_db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def test_memory_database_survives_pool_dispose(memory_db: Database) -> None:
+    with memory_db.engine.begin() as connection:
+        connection.execute(text("INSERT INTO item VALUES ('kept')"))
+    memory_db.engine.dispose()
+    with memory_db.engine.connect() as connection:
+        assert connection.execute(text("SELECT name FROM item")).scalar_one() == "kept"
+
+
+def test_memory_databases_are_separate(memory_db: Database) -> None:
+    other = Database("sqlite://")
+    with other.engine.connect() as connection:
+        tables = connection.execute(text("SELECT name FROM sqlite_master")).all()
+    assert tables == []
+    other.engine.dispose()
+
+
+def test_custom_scopefunc(tmp_path: t.Any) -> None:
+    scope = ["a"]
+    db = Database(f"sqlite:///{tmp_path / 'scope.db'}", scopefunc=lambda: scope[0])
+    first = db()
+    scope[0] = "b"
+    assert db() is not first
+    scope[0] = "a"
+    assert db() is first
+    assert set(db.registry.registry) == {"a", "b"}
+    db.remove()
+    db.engine.dispose()
+
+
+def test_middleware_drives_this_registry(
+    memory_db: Database, start_response: StartResponseRecorder
+) -> None:
+    sessions: list[Session] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        sessions.append(memory_db())
+        memory_db().execute(text("INSERT INTO item VALUES ('rolled back')"))
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    wrapped = memory_db.middleware(app)
+    assert isinstance(wrapped, ScopedSessionMiddleware)
+    assert wrapped.registry is memory_db
+    assert wrapped({"PATH_INFO": "/"}, start_response) == [b"ok"]
+    assert not memory_db.registry.has()
+    with memory_db.engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM item")).scalar_one() == 0
+    with pytest.raises(TypeError, match="unexpected keyword argument 'comit'"):
+        memory_db.middleware(app, comit=True)
+
+
+BACKEND_PID = {
+    "postgresql": "SELECT pg_backend_pid()",
+    "mysql": "SELECT CONNECTION_ID()",
+}
+
+
+def in_child(work: t.Callable[[], object]) -> t.Any:
+    """Run ``work`` in a forked child and return its JSON result."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child, which never returns
+        code = 1
+        try:
+            os.close(read)
+            os.write(write, json.dumps(work()).encode())
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        output = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child failed; see stderr"
+    return json.loads(output)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
+@pytest.mark.parametrize(
+    "held", [pytest.param(False, id="pool idle"), pytest.param(True, id="session open")]
+)
+def test_forked_child_never_uses_parent_connections(backend: str, held: bool) -> None:
+    """gunicorn --preload: the child gets connections of its own, and the
+    parent's (pooled, or held by an open session) keep working afterwards."""
+    db = Database(server_url(backend))
+    query = text(BACKEND_PID[backend])
+    with db.engine.connect() as connection:
+        pooled_pid = connection.execute(query).scalar_one()
+    if held:
+        held_pid = db().execute(query).scalar_one()  # the transaction stays open
+
+    def child() -> object:
+        pid = db().execute(query).scalar_one()
+        db.remove()
+        gc.collect()  # the parent's connections, now unreferenced, are collected
+        return pid
+
+    child_pid = in_child(child)
+    assert child_pid not in (pooled_pid, held_pid if held else None)
+    if held:
+        assert db().execute(query).scalar_one() == held_pid
+        db.remove()
+    with db.engine.connect() as connection:
+        assert connection.execute(query).scalar_one() in (
+            pooled_pid,
+            held_pid if held else None,
+        )
+    db.engine.dispose()

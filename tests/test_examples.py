@@ -1,0 +1,491 @@
+"""The examples, driven through WebTest and, for the todo API, a real gunicorn."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import typing as t
+import urllib.error
+import urllib.request
+import uuid
+import warnings
+import wsgiref.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+with warnings.catch_warnings():
+    # WebOb 1.8 imports the cgi module, deprecated since Python 3.11.
+    warnings.filterwarnings("ignore", "'cgi' is deprecated", DeprecationWarning)
+    import webtest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+class CheckedTestApp(webtest.TestApp):
+    """A linting :class:`webtest.TestApp` that checks, after every request,
+    that the request's session was ended and its connection returned.
+    """
+
+    def __init__(self, module: ModuleType, *, lint: bool = True) -> None:
+        super().__init__(module.app, lint=lint)
+        self.db = module.db
+
+    def do_request(
+        self,
+        req: webtest.TestRequest,
+        status: int | str | None = None,
+        expect_errors: bool | None = None,
+    ) -> webtest.TestResponse:
+        res = super().do_request(req, status=status, expect_errors=expect_errors)
+        assert self.db.engine.pool.checkedout() == 0
+        assert not self.db.registry.has()
+        return res
+
+
+@pytest.fixture
+def load_todo() -> t.Iterator[t.Callable[[], ModuleType]]:
+    """Import ``examples/todo.py`` afresh, under a unique module name, as
+    often as asked; every engine it created is disposed of at teardown.
+    """
+    modules: list[ModuleType] = []
+
+    def load() -> ModuleType:
+        name = f"_example_todo_{uuid.uuid4().hex}"
+        spec = importlib.util.spec_from_file_location(name, EXAMPLES / "todo.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        # Declarative mapping resolves annotations through sys.modules.
+        sys.modules[name] = module
+        modules.append(module)
+        spec.loader.exec_module(module)
+        return module
+
+    yield load
+    for module in modules:
+        sys.modules.pop(module.__name__, None)
+        if hasattr(module, "db"):
+            module.db.remove()
+            module.db.engine.dispose()
+
+
+@pytest.fixture
+def database_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point ``DATABASE_URL`` at a file in ``tmp_path``, and run in another
+    directory of ``tmp_path`` so the default URL could not touch the repo.
+    """
+    path = tmp_path / "env.sqlite3"
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{path}")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    return path
+
+
+@pytest.fixture
+def todo(load_todo: t.Callable[[], ModuleType], database_path: Path) -> ModuleType:
+    return load_todo()
+
+
+@pytest.fixture
+def client(todo: ModuleType) -> CheckedTestApp:
+    return CheckedTestApp(todo)
+
+
+def create(client: CheckedTestApp, title: str, **fields: t.Any) -> dict[str, t.Any]:
+    res = client.post_json("/todos", {"title": title, **fields}, status=201)
+    return t.cast("dict[str, t.Any]", res.json)
+
+
+def test_database_url_selects_the_database_file(
+    todo: ModuleType, database_path: Path
+) -> None:
+    assert todo.db.engine.url.database == str(database_path)
+    assert database_path.exists()
+    assert not Path("todos.sqlite3").exists()
+
+
+def test_default_database_is_todos_sqlite3_in_current_directory(
+    load_todo: t.Callable[[], ModuleType],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    module = load_todo()
+    assert module.db.engine.url.database == "todos.sqlite3"
+    assert (tmp_path / "todos.sqlite3").exists()
+
+
+def test_tables_are_created_without_registering_a_session(todo: ModuleType) -> None:
+    assert not todo.db.registry.has()
+    assert todo.db.engine.pool.checkedout() == 0
+
+
+def test_list_is_empty_on_a_fresh_database(client: CheckedTestApp) -> None:
+    res = client.get("/todos")
+    assert res.status_int == 200
+    assert res.content_type == "application/json"
+    assert res.json == []
+
+
+def test_create_returns_201_with_item_and_location(client: CheckedTestApp) -> None:
+    res = client.post_json("/todos", {"title": "Write tests"})
+    assert res.status_int == 201
+    assert res.content_type == "application/json"
+    assert res.json == {"id": 1, "title": "Write tests", "done": False}
+    assert res.headers["Location"] == "/todos/1"
+    assert client.get(res.headers["Location"]).json == res.json
+
+
+def test_create_accepts_done(client: CheckedTestApp) -> None:
+    assert create(client, "Already done", done=True)["done"] is True
+
+
+def test_list_returns_every_todo_ordered_by_id(client: CheckedTestApp) -> None:
+    created = [create(client, title) for title in ("b", "a", "c")]
+    client.delete(f"/todos/{created[1]['id']}", status=204)
+    assert client.get("/todos").json == [created[0], created[2]]
+
+
+def test_get_returns_the_todo(client: CheckedTestApp) -> None:
+    create(client, "first")
+    second = create(client, "second", done=True)
+    res = client.get("/todos/2")
+    assert res.content_type == "application/json"
+    assert res.json == second
+
+
+def test_patch_updates_only_given_fields(client: CheckedTestApp) -> None:
+    create(client, "Buy milk")
+    res = client.patch_json("/todos/1", {"done": True})
+    assert res.json == {"id": 1, "title": "Buy milk", "done": True}
+    res = client.patch_json("/todos/1", {"title": "Buy oat milk"})
+    assert res.json == {"id": 1, "title": "Buy oat milk", "done": True}
+    assert client.get("/todos/1").json == res.json
+
+
+def test_patch_with_empty_object_changes_nothing(client: CheckedTestApp) -> None:
+    todo = create(client, "Unchanged")
+    assert client.patch_json("/todos/1", {}).json == todo
+
+
+def test_delete_returns_204_with_empty_body_and_removes_todo(
+    client: CheckedTestApp,
+) -> None:
+    create(client, "Delete me")
+    res = client.delete("/todos/1")
+    assert res.status_int == 204
+    assert res.body == b""
+    assert "Content-Type" not in res.headers
+    client.get("/todos/1", status=404)
+    assert client.get("/todos").json == []
+
+
+def test_stream_returns_one_json_line_per_todo(client: CheckedTestApp) -> None:
+    todos = [create(client, f"todo {n}", done=n % 2 == 0) for n in range(3)]
+    res = client.get("/todos.ndjson")
+    assert res.status_int == 200
+    assert res.content_type == "application/x-ndjson"
+    assert res.body.endswith(b"\n")
+    assert [json.loads(line) for line in res.body.splitlines()] == todos
+
+
+def test_stream_of_empty_database_is_empty(client: CheckedTestApp) -> None:
+    assert client.get("/todos.ndjson").body == b""
+
+
+def test_stream_queries_while_iterated_and_ends_session_on_close(
+    client: CheckedTestApp, todo: ModuleType
+) -> None:
+    """The generator body runs its query through ``db()`` only when the
+    server iterates it, and the middleware ends that session in ``close()``.
+    """
+    create(client, "one")
+    create(client, "two")
+    environ: dict[str, t.Any] = {"PATH_INFO": "/todos.ndjson"}
+    wsgiref.util.setup_testing_defaults(environ)
+    statuses: list[str] = []
+    body = todo.app(environ, lambda status, headers: statuses.append(status))
+    assert statuses == ["200 OK"]
+    assert not todo.db.registry.has()
+    chunks = iter(body)
+    assert json.loads(next(chunks))["title"] == "one"
+    assert todo.db.registry.has()
+    assert todo.db.engine.pool.checkedout() == 1
+    body.close()
+    assert not todo.db.registry.has()
+    assert todo.db.engine.pool.checkedout() == 0
+
+
+def test_unwrapped_api_leaves_session_registered(todo: ModuleType) -> None:
+    """Without the middleware the session outlives the request: what the
+    checks after every request in these tests would catch.
+    """
+    webtest.TestApp(todo.api, lint=True).get("/todos")
+    assert todo.db.registry.has()
+    assert todo.db.engine.pool.checkedout() == 1
+    todo.db.remove()
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        pytest.param(b"{", "not valid JSON", id="malformed JSON"),
+        pytest.param(b"\xff", "not valid JSON", id="not UTF-8"),
+        pytest.param(b"", "not valid JSON", id="empty body"),
+        pytest.param(b'["title"]', "must be a JSON object", id="array"),
+        pytest.param(b"{}", "'title' must be", id="missing title"),
+        pytest.param(b'{"title": ""}', "'title' must be", id="empty title"),
+        pytest.param(b'{"title": "  "}', "'title' must be", id="blank title"),
+        pytest.param(b'{"title": 3}', "'title' must be", id="title not a string"),
+        pytest.param(b'{"title": null}', "'title' must be", id="title null"),
+        pytest.param(
+            json.dumps({"title": "x" * 201}).encode(), "'title' must be", id="long"
+        ),
+        pytest.param(b'{"title": "a", "done": 1}', "'done' must be", id="done int"),
+        pytest.param(b'{"title": "a", "done": "no"}', "'done' must be", id="str"),
+        pytest.param(b'{"title": "a", "tags": []}', "Unknown fields", id="unknown"),
+    ],
+)
+def test_create_rejects_invalid_body_with_400(
+    client: CheckedTestApp, body: bytes, message: str
+) -> None:
+    res = client.post("/todos", body, content_type="application/json", status=400)
+    assert res.content_type == "application/json"
+    assert message in res.json["error"]
+    assert client.get("/todos").json == []
+
+
+def test_create_accepts_title_of_200_characters(client: CheckedTestApp) -> None:
+    assert create(client, "x" * 200)["title"] == "x" * 200
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        pytest.param(b"[", "not valid JSON", id="malformed JSON"),
+        pytest.param(b'{"title": ""}', "'title' must be", id="empty title"),
+        pytest.param(b'{"title": false}', "'title' must be", id="title not a string"),
+        pytest.param(b'{"done": null}', "'done' must be", id="done null"),
+        pytest.param(b'{"id": 7}', "Unknown fields", id="id"),
+    ],
+)
+def test_patch_rejects_invalid_body_with_400_and_keeps_todo(
+    client: CheckedTestApp, body: bytes, message: str
+) -> None:
+    todo = create(client, "Keep me")
+    res = client.patch("/todos/1", body, content_type="application/json", status=400)
+    assert message in res.json["error"]
+    assert client.get("/todos/1").json == todo
+
+
+@pytest.mark.parametrize(
+    "content_length",
+    [
+        pytest.param("abc", id="not a number"),
+        pytest.param("-1", id="negative"),
+        pytest.param("\u00b2", id="non-ASCII digit"),
+    ],
+)
+def test_invalid_content_length_is_400(todo: ModuleType, content_length: str) -> None:
+    """WebTest's lint rejects such an environ before the app sees it, so this
+    test runs without it; wsgiref passes the header through unchecked.
+    """
+    client = CheckedTestApp(todo, lint=False)
+    req = webtest.TestRequest.blank("/todos", method="POST")
+    req.environ["CONTENT_LENGTH"] = content_length
+    res = client.do_request(req, status=400)
+    assert res.json == {"error": f"Invalid Content-Length {content_length!r}."}
+
+
+def test_missing_content_length_reads_an_empty_body(client: CheckedTestApp) -> None:
+    req = webtest.TestRequest.blank("/todos", method="POST")
+    req.environ.pop("CONTENT_LENGTH", None)
+    res = client.do_request(req, status=400)
+    assert res.json == {"error": "The body is not valid JSON."}
+
+
+def test_body_over_the_limit_is_413(client: CheckedTestApp, todo: ModuleType) -> None:
+    body = b" " * (todo.MAX_BODY_SIZE + 1)
+    res = client.post("/todos", body, content_type="application/json", status=413)
+    assert "over" in res.json["error"]
+
+
+def test_body_at_the_limit_is_read(client: CheckedTestApp, todo: ModuleType) -> None:
+    body = json.dumps({"title": "limit"}).encode()
+    body = body.ljust(todo.MAX_BODY_SIZE)
+    res = client.post("/todos", body, content_type="application/json", status=201)
+    assert res.json["title"] == "limit"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        pytest.param("GET", "/todos/1", id="get"),
+        pytest.param("PATCH", "/todos/1", id="patch"),
+        pytest.param("DELETE", "/todos/1", id="delete"),
+        pytest.param("GET", "/todos/999999999999999999", id="largest id"),
+    ],
+)
+def test_unknown_id_is_404(client: CheckedTestApp, method: str, path: str) -> None:
+    req = webtest.TestRequest.blank(path, method=method)
+    if method == "PATCH":
+        req.body = b'{"done": true}'
+        req.content_type = "application/json"
+    res = client.do_request(req, status=404)
+    assert res.content_type == "application/json"
+    assert res.json["error"].startswith("No todo with id")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param("/", id="root"),
+        pytest.param("/todo", id="singular"),
+        pytest.param("/todos/", id="trailing slash"),
+        pytest.param("/todos/abc", id="not a number"),
+        pytest.param("/todos/1/done", id="nested"),
+        pytest.param("/todos/-1", id="negative"),
+        pytest.param("/todos/" + "9" * 19, id="id too long for SQLite"),
+    ],
+)
+def test_unknown_path_is_404(client: CheckedTestApp, path: str) -> None:
+    res = client.get(path, status=404)
+    assert res.content_type == "application/json"
+    assert res.json == {"error": f"No route for {path!r}."}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        pytest.param("PUT", "/todos", "GET, POST", id="PUT list"),
+        pytest.param("DELETE", "/todos", "GET, POST", id="DELETE list"),
+        pytest.param("PUT", "/todos/1", "GET, PATCH, DELETE", id="PUT item"),
+        pytest.param("POST", "/todos/1", "GET, PATCH, DELETE", id="POST item"),
+        pytest.param("POST", "/todos.ndjson", "GET", id="POST stream"),
+        pytest.param("HEAD", "/todos", "GET, POST", id="HEAD list"),
+    ],
+)
+def test_wrong_method_is_405_with_allow(
+    client: CheckedTestApp, method: str, path: str, allow: str
+) -> None:
+    create(client, "exists")
+    req = webtest.TestRequest.blank(path, method=method)
+    if method in ("PUT", "POST"):
+        req.body = b'{"title": "x"}'
+        req.content_type = "application/json"
+    res = client.do_request(req, status=405)
+    assert res.headers["Allow"] == allow
+    assert res.content_type == "application/json"
+    if method != "HEAD":
+        assert res.json == {"error": f"Allowed: {allow}."}
+    assert client.get("/todos").json == [{"id": 1, "title": "exists", "done": False}]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _request(
+    url: str, method: str = "GET", payload: object = None
+) -> tuple[int, dict[str, str], bytes]:
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(req, timeout=5) as res:
+        return res.status, dict(res.headers), res.read()
+
+
+def _wait_until_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"gunicorn exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            _request(url)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            pytest.fail(f"gunicorn answered {exc.code}:\n{log.read_text()}")
+        except OSError:  # not listening yet, or no worker booted yet
+            time.sleep(0.1)
+        else:
+            return
+    pytest.fail(f"gunicorn did not answer within 15 s:\n{log.read_text()}")
+
+
+@pytest.mark.server
+def test_todo_serves_under_gunicorn_with_two_workers(tmp_path: Path) -> None:
+    """Two sync workers share one SQLite file (created by whichever imports
+    the app first): todos created through either are listed and streamed by
+    either, and SIGTERM shuts everything down cleanly.
+    """
+    pytest.importorskip("gunicorn", reason="gunicorn is not installed")
+    from gunicorn.config import Config
+
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    database = tmp_path / "todos.sqlite3"
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{database}"}
+    args = ["-w", "2", "-k", "sync", "-b", f"127.0.0.1:{port}"]
+    args += ["--graceful-timeout", "5", "--chdir", str(EXAMPLES)]
+    if "control_socket_disable" in Config().settings:
+        # gunicorn >= 25 would otherwise open a socket in ~/.gunicorn.
+        args.append("--no-control-socket")
+    log = tmp_path / "gunicorn.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", *args, "todo:app"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_until_ready(f"{base}/todos", proc, log)
+        created: list[dict[str, t.Any]] = []
+        for n in range(4):
+            status, headers, body = _request(
+                f"{base}/todos", "POST", {"title": f"todo {n}"}
+            )
+            assert status == 201
+            assert headers["Location"] == f"/todos/{n + 1}"
+            created.append(json.loads(body))
+        assert [todo["title"] for todo in created] == [f"todo {n}" for n in range(4)]
+        for _ in range(4):
+            status, headers, body = _request(f"{base}/todos")
+            assert status == 200
+            assert headers["Content-Type"] == "application/json"
+            assert json.loads(body) == created
+        status, headers, body = _request(f"{base}/todos.ndjson")
+        assert status == 200
+        assert headers["Content-Type"] == "application/x-ndjson"
+        assert [json.loads(line) for line in body.splitlines()] == created
+        status, _, body = _request(f"{base}/todos/2")
+        assert json.loads(body) == created[1]
+        with pytest.raises(urllib.error.HTTPError) as exc_info:
+            _request(f"{base}/todos/99")
+        assert exc_info.value.code == 404
+        exc_info.value.close()
+        assert database.exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    output = log.read_text()
+    assert proc.returncode == 0, output
+    assert output.count("Booting worker") == 2, output
+    assert "Traceback" not in output, output

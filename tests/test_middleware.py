@@ -1,0 +1,638 @@
+"""The request lifecycle, driven by hand with raw environ and start_response."""
+
+from __future__ import annotations
+
+import io
+import logging
+import typing as t
+import wsgiref.util
+
+import pytest
+from conftest import BODY_KINDS
+from conftest import MATERIALIZED
+from conftest import ClosingIterable
+from conftest import CountingSession
+from conftest import Observed
+from conftest import StartResponseRecorder
+from conftest import count_items
+from conftest import make_app
+from sqlalchemy import Engine
+from sqlalchemy import create_engine
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+from sqlalchemy.orm import scoped_session
+from sqlalchemy.orm import sessionmaker
+
+from wsgi_scoped import ScopedSessionMiddleware
+from wsgi_scoped import WsgiScopedWarning
+from wsgi_scoped import is_active
+
+if t.TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse
+    from _typeshed.wsgi import WSGIEnvironment
+
+Registry = scoped_session[CountingSession]
+
+LAZY_KINDS = [kind for kind in BODY_KINDS if kind not in MATERIALIZED]
+
+
+@pytest.fixture(params=BODY_KINDS)
+def body_kind(request: pytest.FixtureRequest) -> str:
+    return t.cast(str, request.param)
+
+
+def assert_ended(
+    registry: Registry, engine: Engine, observed: Observed, table: str = "item"
+) -> None:
+    """The request's one session was closed once, the registry is empty, the
+    connection is back in the pool and the uncommitted row is gone."""
+    assert observed.sessions, "the app never used the session"
+    session = observed.sessions[0]
+    assert all(s is session for s in observed.sessions)
+    assert isinstance(session, CountingSession)
+    assert session.closed == 1
+    assert not registry.registry.has()
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert count_items(engine, table) == 0
+
+
+def test_session_ended_once_after_normal_response(
+    registry: Registry,
+    engine: Engine,
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+    body_kind: str,
+) -> None:
+    observed = Observed()
+    app = ScopedSessionMiddleware(make_app(registry, body_kind, observed), registry)
+
+    body = app(environ, start_response)
+    if body_kind in MATERIALIZED:
+        # Ended before the server writes a byte: the connection is free.
+        assert_ended(registry, engine, observed)
+    else:
+        assert registry.registry.has()
+        assert engine.pool.checkedout() == 1  # type: ignore[attr-defined]
+    chunks = list(body)
+    getattr(body, "close", lambda: None)()
+
+    assert start_response.status == "200 OK"
+    assert chunks
+    assert_ended(registry, engine, observed)
+
+
+def test_session_ended_on_every_backend(
+    backend_url: str,
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+    body_kind: str,
+) -> None:
+    """The same lifecycle against SQLite, PostgreSQL and MariaDB: uncommitted
+    work is rolled back and no connection stays checked out."""
+    engine = create_engine(backend_url)
+    table = f"lifecycle_{body_kind}"
+    with engine.begin() as connection:
+        connection.execute(text(f"DROP TABLE IF EXISTS {table}"))
+        connection.execute(text(f"CREATE TABLE {table} (name VARCHAR(50))"))
+    registry = scoped_session(sessionmaker(engine, class_=CountingSession))
+    observed = Observed()
+    inner = make_app(registry, body_kind, observed, table=table)
+    try:
+        body = ScopedSessionMiddleware(inner, registry)(environ, start_response)
+        held = 0 if body_kind in MATERIALIZED else 1
+        assert engine.pool.checkedout() == held  # type: ignore[attr-defined]
+        assert b"".join(body)
+        getattr(body, "close", lambda: None)()
+        assert_ended(registry, engine, observed, table)
+    finally:
+        registry.remove()
+        with engine.begin() as connection:
+            connection.execute(text(f"DROP TABLE {table}"))
+        engine.dispose()
+
+
+def test_same_session_all_through_request_and_fresh_one_next(
+    registry: Registry,
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+) -> None:
+    first, second = Observed(), Observed()
+    for observed in (first, second):
+        app = ScopedSessionMiddleware(
+            make_app(registry, "generator", observed), registry
+        )
+        body = app(dict(environ), start_response)
+        list(body)
+        body.close()  # type: ignore[attr-defined]
+    assert len(first.sessions) == 4
+    assert all(s is first.sessions[0] for s in first.sessions)
+    assert all(s is second.sessions[0] for s in second.sessions)
+    assert first.sessions[0] is not second.sessions[0]
+
+
+@pytest.mark.parametrize("body_kind", sorted(MATERIALIZED))
+def test_materialized_body_returned_unchanged(
+    registry: Registry,
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+    body_kind: str,
+) -> None:
+    returned: list[object] = []
+    inner = make_app(registry, body_kind, Observed())
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        returned.append(inner(environ, start_response))
+        return returned[-1]
+
+    body = ScopedSessionMiddleware(app, registry)(environ, start_response)
+    assert body is returned[0]
+    assert not registry.registry.has()
+
+
+def test_reused_environ_is_a_new_request(
+    registry: Registry,
+    engine: Engine,
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+) -> None:
+    """The nesting marker is taken back when a request ends, so a test that
+    sends one environ twice does not get an unmanaged second request."""
+    for _ in range(2):
+        observed = Observed()
+        app = ScopedSessionMiddleware(make_app(registry, "list", observed), registry)
+        app(environ, start_response)
+        assert_ended(registry, engine, observed)
+        assert "wsgi_scoped.active" not in environ
+
+
+@pytest.mark.parametrize("body_kind", LAZY_KINDS)
+def test_app_raising_ends_session_and_propagates(
+    registry: Registry,
+    engine: Engine,
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+    body_kind: str,
+) -> None:
+    observed = Observed()
+    error = RuntimeError("handler failed")
+    app = make_app(registry, body_kind, observed, raises=error)
+    with pytest.raises(RuntimeError) as caught:
+        ScopedSessionMiddleware(app, registry)(environ, start_response)
+    assert caught.value is error
+    assert_ended(registry, engine, observed)
+
+
+@pytest.mark.parametrize("body_kind", LAZY_KINDS)
+def test_body_raising_ends_session_on_close(
+    registry: Registry,
+    engine: Engine,
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+    body_kind: str,
+) -> None:
+    observed = Observed()
+    error = ValueError("body failed")
+    inner = make_app(registry, body_kind, observed, body_raises=error)
+    body = ScopedSessionMiddleware(inner, registry)(environ, start_response)
+    with pytest.raises(ValueError) as caught:
+        list(body)
+    assert caught.value is error
+    assert registry.registry.has()  # the server has not closed the body yet
+    body.close()  # type: ignore[attr-defined]
+    assert_ended(registry, engine, observed)
+
+
+@pytest.mark.parametrize("body_kind", LAZY_KINDS)
+@pytest.mark.parametrize(
+    "chunks_read",
+    [
+        pytest.param(0, id="never iterated"),
+        pytest.param(1, id="client disconnect after one chunk"),
+    ],
+)
+def test_early_close_ends_session(
+    registry: Registry,
+    engine: Engine,
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+    body_kind: str,
+    chunks_read: int,
+) -> None:
+    """The server closes a body it did not exhaust: the generator sees
+    GeneratorExit (its finally runs) and the session is ended."""
+    observed = Observed()
+    inner = make_app(registry, body_kind, observed)
+    body = ScopedSessionMiddleware(inner, registry)(environ, start_response)
+    iterator = iter(body)
+    for _ in range(chunks_read):
+        next(iterator)
+    body.close()  # type: ignore[attr-defined]
+    assert observed.generator_finished == (chunks_read > 0)
+    assert_ended(registry, engine, observed)
+
+
+def test_close_forwarded_to_original_iterable_once(
+    registry: Registry,
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+) -> None:
+    observed = Observed()
+    inner = make_app(registry, "iterable_with_close", observed)
+    original: list[ClosingIterable] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        body = inner(environ, start_response)
+        original.append(body)
+        return body
+
+    body = ScopedSessionMiddleware(app, registry)(environ, start_response)
+    list(body)
+    body.close()  # type: ignore[attr-defined]
+    body.close()  # type: ignore[attr-defined]
+    assert original[0].closed == 1
+    assert observed.sessions[0].closed == 1  # type: ignore[attr-defined]
+
+
+def test_body_close_raising_still_ends_session(
+    registry: Registry,
+    engine: Engine,
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+) -> None:
+    observed = Observed()
+    inner = make_app(registry, "iterable_with_close", observed)
+    error = OSError("close failed")
+
+    def failing_close() -> None:
+        raise error
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        body = inner(environ, start_response)
+        body.close = failing_close
+        return body
+
+    body = ScopedSessionMiddleware(app, registry)(environ, start_response)
+    list(body)
+    with pytest.raises(OSError) as caught:
+        body.close()  # type: ignore[attr-defined]
+    assert caught.value is error
+    assert_ended(registry, engine, observed)
+
+
+class BrokenCloseSession(CountingSession):
+    def close(self) -> None:
+        super().close()
+        raise RuntimeError("Session.close() failed")
+
+
+@pytest.fixture
+def broken_registry(engine: Engine) -> t.Iterator[scoped_session[BrokenCloseSession]]:
+    registry = scoped_session(sessionmaker(engine, class_=BrokenCloseSession))
+    yield registry
+    registry.registry.clear()
+
+
+@pytest.mark.parametrize("body_kind", BODY_KINDS)
+def test_session_close_raising_still_clears_registry(
+    broken_registry: scoped_session[BrokenCloseSession],
+    engine: Engine,
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+    body_kind: str,
+) -> None:
+    """scoped_session.remove() would keep the broken session registered; the
+    middleware clears it and lets the failure reach the server."""
+    observed = Observed()
+    inner = make_app(broken_registry, body_kind, observed)
+    app = ScopedSessionMiddleware(inner, broken_registry)
+    with pytest.raises(RuntimeError, match=r"Session\.close\(\) failed"):
+        body = app(environ, start_response)
+        list(body)
+        body.close()  # type: ignore[attr-defined]
+    assert_ended(broken_registry, engine, observed)  # type: ignore[arg-type]
+
+
+def test_file_wrapper_closed_when_ending_session_fails(
+    broken_registry: scoped_session[BrokenCloseSession],
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+) -> None:
+    """The server never receives the file wrapper, so the middleware closes it."""
+    files: list[io.BytesIO] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        broken_registry().execute(text("SELECT 1"))
+        start_response("200 OK", [])
+        files.append(io.BytesIO(b"data"))
+        return environ["wsgi.file_wrapper"](files[-1])
+
+    with pytest.raises(RuntimeError, match="failed"):
+        ScopedSessionMiddleware(app, broken_registry)(environ, start_response)
+    assert files[0].closed
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        pytest.param("app", id="app raises"),
+        pytest.param("body_close", id="body close raises"),
+    ],
+)
+def test_original_error_propagates_when_ending_session_also_fails(
+    broken_registry: scoped_session[BrokenCloseSession],
+    engine: Engine,
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+    caplog: pytest.LogCaptureFixture,
+    failure: str,
+) -> None:
+    observed = Observed()
+    error = KeyError("original")
+    environ["PATH_INFO"] = "/orders"
+    if failure == "app":
+        app = make_app(broken_registry, "generator", observed, raises=error)
+        with pytest.raises(KeyError) as caught:
+            ScopedSessionMiddleware(app, broken_registry)(environ, start_response)
+    else:
+        inner = make_app(broken_registry, "iterable_with_close", observed)
+
+        def failing_close() -> None:
+            raise error
+
+        def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+            body = inner(environ, start_response)
+            body.close = failing_close
+            return body
+
+        body = ScopedSessionMiddleware(app, broken_registry)(environ, start_response)
+        with pytest.raises(KeyError) as caught:
+            body.close()  # type: ignore[attr-defined]
+    assert caught.value is error
+    assert_ended(broken_registry, engine, observed)  # type: ignore[arg-type]
+    [record] = caplog.records
+    assert record.levelno == logging.ERROR
+    assert record.getMessage() == "Ending the session failed for GET /orders"
+    assert "Session.close() failed" in str(record.exc_info[1])  # type: ignore[index]
+
+
+def test_file_wrapper_close_failure_logged_and_session_error_raised(
+    broken_registry: scoped_session[BrokenCloseSession],
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class FailingFile(io.BytesIO):
+        def close(self) -> None:
+            raise OSError("file close failed")
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        broken_registry().execute(text("SELECT 1"))
+        start_response("200 OK", [])
+        return environ["wsgi.file_wrapper"](FailingFile(b"data"))
+
+    with pytest.raises(RuntimeError, match=r"Session\.close\(\) failed"):
+        ScopedSessionMiddleware(app, broken_registry)(environ, start_response)
+    [record] = caplog.records
+    assert record.getMessage() == "Closing the response body failed for GET /"
+
+
+def test_file_wrapper_function_treated_as_lazy(
+    registry: Registry,
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+) -> None:
+    """A server whose file_wrapper is a function gives no type to recognise:
+    the body is kept lazy, which is always safe."""
+    environ["wsgi.file_wrapper"] = lambda file, size=8192: wsgiref.util.FileWrapper(
+        file, size
+    )
+    app = make_app(registry, "file_wrapper", Observed())
+    body = ScopedSessionMiddleware(app, registry)(environ, start_response)
+    assert registry.registry.has()
+    body.close()  # type: ignore[attr-defined]
+    assert not registry.registry.has()
+
+
+def test_exc_info_reaches_server_unchanged(
+    registry: Registry,
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+) -> None:
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        registry().execute(text("SELECT 1"))
+        try:
+            raise LookupError("shown as 500")
+        except LookupError:
+            import sys
+
+            start_response("500 Internal Server Error", [], sys.exc_info())
+        return [b"error"]
+
+    assert ScopedSessionMiddleware(app, registry)(environ, start_response) == [b"error"]
+    status, _, exc_info = start_response.calls[0]
+    assert status == "500 Internal Server Error"
+    assert isinstance(exc_info[1], LookupError)
+    assert not registry.registry.has()
+
+
+@pytest.mark.parametrize("body_kind", BODY_KINDS)
+def test_nested_same_registry_ended_once_by_outer_layer(
+    registry: Registry,
+    engine: Engine,
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+    body_kind: str,
+) -> None:
+    observed = Observed()
+    inner_bodies: list[object] = []
+    inner = ScopedSessionMiddleware(make_app(registry, body_kind, observed), registry)
+
+    def dispatcher(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        body = inner(environ, start_response)
+        inner_bodies.append(body)
+        assert registry.registry.has()  # the inner layer did not end it
+        return body
+
+    outer = ScopedSessionMiddleware(dispatcher, registry)
+    body = outer(environ, start_response)
+    list(body)
+    getattr(body, "close", lambda: None)()
+    assert type(inner_bodies[0]).__name__ != "_ScopedBody"
+    assert_ended(registry, engine, observed)
+
+
+def test_nested_different_registries_each_ended(
+    registry: Registry,
+    engine: Engine,
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+) -> None:
+    other = scoped_session(sessionmaker(engine, class_=CountingSession))
+    seen: list[Session] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        seen.extend([registry(), other()])
+        assert is_active(environ, registry) and is_active(environ, other)
+        start_response("200 OK", [])
+        return iter([b"body"])
+
+    wrapped = ScopedSessionMiddleware(ScopedSessionMiddleware(app, other), registry)
+    body = wrapped(environ, start_response)
+    list(body)
+    body.close()  # type: ignore[attr-defined]
+    assert [s.closed for s in seen] == [1, 1]  # type: ignore[attr-defined]
+    assert not registry.registry.has() and not other.registry.has()
+
+
+def test_is_active_only_inside_managed_request(
+    registry: Registry,
+    engine: Engine,
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+) -> None:
+    other = scoped_session(sessionmaker(engine))
+    answers: list[bool] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        answers.extend(
+            [
+                is_active(environ),
+                is_active(environ, registry),
+                is_active(environ, other),
+            ]
+        )
+        start_response("200 OK", [])
+        return [b""]
+
+    assert not is_active(environ)
+    ScopedSessionMiddleware(app, registry)(environ, start_response)
+    assert answers == [True, True, False]
+
+
+@pytest.mark.parametrize(
+    "leak",
+    [
+        pytest.param("outside", id="registry used outside a request"),
+        pytest.param("unclosed", id="upstream dropped close()"),
+    ],
+)
+def test_stale_session_warned_and_ended(
+    registry: Registry,
+    engine: Engine,
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+    leak: str,
+) -> None:
+    stale_observed = Observed()
+    if leak == "outside":
+        stale = registry()
+        stale.execute(text("INSERT INTO item (name) VALUES ('stale')"))
+    else:
+        inner = make_app(registry, "generator", stale_observed)
+        body = ScopedSessionMiddleware(inner, registry)(dict(environ), start_response)
+        next(iter(body))  # the response is never closed
+        stale = stale_observed.sessions[0]
+
+    observed = Observed()
+    app = ScopedSessionMiddleware(make_app(registry, "list", observed), registry)
+    with pytest.warns(WsgiScopedWarning, match="did not call close") as record:
+        app(environ, start_response)
+    message = str(record[0].message)
+    assert "used the registry without calling remove()" in message
+    assert "Fix:" in message
+    assert stale.closed == 1  # type: ignore[attr-defined]
+    assert observed.sessions[0] is not stale
+    assert_ended(registry, engine, observed)
+
+
+def test_stale_session_close_failure_logged_and_request_served(
+    broken_registry: scoped_session[BrokenCloseSession],
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    broken_registry().execute(text("SELECT 1"))
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        start_response("200 OK", [])
+        return [b"served"]
+
+    with pytest.warns(WsgiScopedWarning):
+        body = ScopedSessionMiddleware(app, broken_registry)(environ, start_response)
+    assert body == [b"served"]
+    assert "Ending the session failed" in caplog.records[0].getMessage()
+
+
+def noop_app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+    start_response("204 No Content", [])
+    return []
+
+
+@pytest.mark.parametrize(
+    ("app", "registry_value", "message"),
+    [
+        pytest.param(
+            noop_app,
+            sessionmaker(),
+            r"'registry' must be a sqlalchemy.orm.scoped_session or a"
+            r" wsgi_scoped.Database, got 'sessionmaker'. Wrap it:"
+            r" scoped_session\(sessionmaker\(...\)\).",
+            id="sessionmaker",
+        ),
+        pytest.param(
+            noop_app,
+            Session(),
+            r"got 'Session'. One Session would be shared by every request",
+            id="session",
+        ),
+        pytest.param(
+            noop_app,
+            None,
+            r"got 'NoneType'. Create one with scoped_session\(sessionmaker\(engine\)\)",
+            id="none",
+        ),
+        pytest.param(
+            "app",
+            scoped_session(sessionmaker()),
+            r"'app' must be a WSGI application \(a callable taking environ and"
+            r" start_response\), got 'str'.",
+            id="app not callable",
+        ),
+        pytest.param(
+            scoped_session(sessionmaker()),
+            noop_app,
+            r"'app' is a scoped_session: the arguments are swapped",
+            id="swapped",
+        ),
+    ],
+)
+def test_wrong_arguments_fail_at_construction(
+    app: t.Any, registry_value: t.Any, message: str
+) -> None:
+    with pytest.raises(TypeError, match=message):
+        ScopedSessionMiddleware(app, registry_value)
+
+
+def test_unknown_option_fails_at_construction() -> None:
+    with pytest.raises(TypeError, match="commit_policy"):
+        ScopedSessionMiddleware(
+            noop_app, scoped_session(sessionmaker()), commit_policy=1
+        )  # type: ignore[call-arg]
+
+
+def test_request_without_session_use_creates_none(
+    engine: Engine,
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+) -> None:
+    """A request that never calls the registry creates no session at all."""
+    created: list[Session] = []
+
+    class Recording(Session):
+        def __init__(self, **kw: t.Any) -> None:
+            super().__init__(**kw)
+            created.append(self)
+
+    registry = scoped_session(sessionmaker(engine, class_=Recording))
+    assert ScopedSessionMiddleware(noop_app, registry)(environ, start_response) == []
+    assert created == []

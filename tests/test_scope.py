@@ -1,0 +1,230 @@
+"""Scope: concurrent requests on threads and greenlets never share a session,
+and nothing stays registered or checked out afterwards."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+import typing as t
+
+import pytest
+from conftest import StartResponseRecorder
+from sqlalchemy import Engine
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+from sqlalchemy.orm import scoped_session
+from sqlalchemy.orm import sessionmaker
+
+from wsgi_scoped import ScopedSessionMiddleware
+from wsgi_scoped import get_ident
+
+if t.TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse
+    from _typeshed.wsgi import WSGIApplication
+    from _typeshed.wsgi import WSGIEnvironment
+
+
+def switching_app(
+    registry: scoped_session[Session],
+    seen: list[tuple[str, Session]],
+    switch: t.Callable[[], None],
+) -> WSGIApplication:
+    """An app that yields control between uses of the session, in the handler
+    and in its lazy body, recording which session each use got."""
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        request = environ["PATH_INFO"]
+        session = registry()
+        session.execute(text("SELECT 1"))
+        switch()
+        seen.append((request, registry()))
+        start_response("200 OK", [])
+        if environ["QUERY_STRING"] == "list":
+            return [b"done"]
+
+        def body() -> t.Iterator[bytes]:
+            switch()
+            seen.append((request, registry()))
+            yield b"done"
+
+        return body()
+
+    return app
+
+
+def check_isolated(seen: list[tuple[str, Session]], requests: int) -> None:
+    """Each request saw one session of its own all through."""
+    by_request: dict[str, set[int]] = {}
+    for request, session in seen:
+        by_request.setdefault(request, set()).add(id(session))
+    assert len(by_request) == requests
+    assert all(len(ids) == 1 for ids in by_request.values())
+    # The sessions are kept alive in ``seen``, so equal ids mean one object.
+    assert len({id(session) for _, session in seen}) == requests
+
+
+def serve(app: WSGIApplication, path: str, kind: str) -> bytes:
+    environ = {"PATH_INFO": path, "QUERY_STRING": kind, "REQUEST_METHOD": "GET"}
+    body = app(environ, StartResponseRecorder())
+    try:
+        return b"".join(body)
+    finally:
+        getattr(body, "close", lambda: None)()
+
+
+@pytest.mark.parametrize(
+    "scopefunc", [None, get_ident], ids=["threading.local", "get_ident"]
+)
+def test_concurrent_threads_get_distinct_sessions(
+    engine: Engine, scopefunc: t.Callable[[], t.Any] | None
+) -> None:
+    threads, per_thread = 16, 10
+    registry = scoped_session(sessionmaker(engine), scopefunc=scopefunc)
+    seen: list[tuple[str, Session]] = []
+    barrier = threading.Barrier(threads)
+    app = ScopedSessionMiddleware(switching_app(registry, seen, lambda: None), registry)
+    errors: list[BaseException] = []
+
+    def worker(number: int) -> None:
+        try:
+            barrier.wait(timeout=10)
+            for request in range(per_thread):
+                kind = "list" if request % 2 else "generator"
+                assert serve(app, f"/{number}/{request}", kind) == b"done"
+        except BaseException as error:  # reported below, in the test's thread
+            errors.append(error)
+
+    workers = [threading.Thread(target=worker, args=(n,)) for n in range(threads)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join(timeout=30)
+    assert not errors
+    check_isolated(seen, threads * per_thread)
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    if scopefunc is not None:
+        assert registry.registry.registry == {}
+
+
+def test_greenlets_in_one_thread_get_distinct_sessions(engine: Engine) -> None:
+    """Greenlets switched by hand, with no gevent and no monkey-patching."""
+    greenlet = pytest.importorskip("greenlet")
+    registry = scoped_session(sessionmaker(engine), scopefunc=get_ident)
+    seen: list[tuple[str, Session]] = []
+    hub = greenlet.getcurrent()
+    app = ScopedSessionMiddleware(
+        switching_app(registry, seen, lambda: hub.switch()), registry
+    )
+    workers = [
+        greenlet.greenlet(lambda n=n: serve(app, f"/{n}", ("list", "gen")[n % 2]))
+        for n in range(6)
+    ]
+    # Round-robin until every greenlet has finished its request.
+    while any(not g.dead for g in workers):
+        for g in workers:
+            if not g.dead:
+                g.switch()
+    check_isolated(seen, 6)
+    assert registry.registry.registry == {}
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def test_gevent_greenlets_unpatched_get_distinct_sessions(engine: Engine) -> None:
+    """Without monkey-patching, a greenlet waiting for a pooled connection
+    would block the whole thread: stay within the pool (5 + 10 overflow)."""
+    gevent = pytest.importorskip("gevent")
+    registry = scoped_session(sessionmaker(engine), scopefunc=get_ident)
+    seen: list[tuple[str, Session]] = []
+    app = ScopedSessionMiddleware(
+        switching_app(registry, seen, lambda: gevent.sleep(0)), registry
+    )
+    jobs = [
+        gevent.spawn(serve, app, f"/{n}", ("list", "gen")[n % 2]) for n in range(12)
+    ]
+    gevent.joinall(jobs, timeout=30, raise_error=True)
+    assert [job.value for job in jobs] == [b"done"] * 12
+    check_isolated(seen, 12)
+    assert registry.registry.registry == {}
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+GEVENT_SERVER = """
+from gevent import monkey
+
+monkey.patch_all()
+
+import json
+import urllib.request
+
+import gevent
+from gevent.pywsgi import WSGIServer
+from sqlalchemy import text
+
+from wsgi_scoped import Database
+
+db = Database({url!r})
+seen = []
+
+
+def app(environ, start_response):
+    session = db()
+    session.execute(text("SELECT 1"))
+    gevent.sleep(0.01)
+    seen.append((environ["PATH_INFO"], id(db()), db() is session))
+    start_response("200 OK", [("Content-Type", "text/plain")])
+
+    def body():
+        gevent.sleep(0.01)
+        seen.append((environ["PATH_INFO"], id(db()), db() is session))
+        yield b"ok"
+
+    return body()
+
+
+server = WSGIServer(("127.0.0.1", 0), db.middleware(app), log=None)
+server.start()
+port = server.server_port
+
+
+def get(n):
+    with urllib.request.urlopen(f"http://127.0.0.1:{{port}}/{{n}}", timeout=10) as r:
+        return r.read()
+
+
+jobs = [gevent.spawn(get, n) for n in range(20)]
+gevent.joinall(jobs, timeout=30, raise_error=True)
+server.stop(timeout=5)
+print(json.dumps({{
+    "bodies": [job.value.decode() for job in jobs],
+    "seen": seen,
+    "registered": len(db.registry.registry),
+    "checkedout": db.engine.pool.checkedout(),
+}}))
+"""
+
+
+def test_gevent_monkey_patched_server_gets_distinct_sessions(tmp_path: t.Any) -> None:
+    """A real gevent WSGI server after patch_all(), in a fresh interpreter
+    (patching inside pytest's process would patch pytest)."""
+    pytest.importorskip("gevent")
+    script = GEVENT_SERVER.format(url=f"sqlite:///{tmp_path / 'gevent.db'}")
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    report = json.loads(result.stdout)
+    assert report["bodies"] == ["ok"] * 20
+    sessions: dict[str, set[int]] = {}
+    for path, session_id, same in report["seen"]:
+        assert same
+        sessions.setdefault(path, set()).add(session_id)
+    assert len(sessions) == 20
+    assert all(len(ids) == 1 for ids in sessions.values())
+    assert report["registered"] == 0
+    assert report["checkedout"] == 0

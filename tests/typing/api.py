@@ -1,0 +1,35 @@
+"""Checked by mypy --strict, not run: the public API as users type it."""
+
+from __future__ import annotations
+
+import typing as t
+
+from sqlalchemy import create_engine
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from sqlalchemy.orm import scoped_session
+from sqlalchemy.orm import sessionmaker
+
+from wsgi_scoped import Database
+from wsgi_scoped import ScopedSessionMiddleware
+from wsgi_scoped import get_ident
+from wsgi_scoped import is_active
+
+if t.TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse
+    from _typeshed.wsgi import WSGIEnvironment
+
+
+def app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"hello"]
+
+
+Registry = scoped_session(sessionmaker(create_engine("sqlite://")), scopefunc=get_ident)
+wrapped: ScopedSessionMiddleware = ScopedSessionMiddleware(app, Registry)
+
+db = Database("sqlite://", expire_on_commit=False)
+session: Session = db()
+one: int | None = db().execute(select(1)).scalar()
+wrapped_too: ScopedSessionMiddleware = db.middleware(app)
+active: bool = is_active({}, db)

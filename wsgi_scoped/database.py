@@ -1,0 +1,165 @@
+"""An engine and a greenlet/thread-scoped session registry, with defaults that
+suit a WSGI server: shared in-memory SQLite, busy timeouts, pre-ping, and
+pools that are safe across ``fork()``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import sqlite3
+import typing as t
+import uuid
+import weakref
+
+from sqlalchemy import URL
+from sqlalchemy import Engine
+from sqlalchemy import create_engine
+from sqlalchemy import make_url
+from sqlalchemy.orm import Session
+from sqlalchemy.orm import scoped_session
+from sqlalchemy.orm import sessionmaker
+from sqlalchemy.pool import QueuePool
+
+from .middleware import ScopedSessionMiddleware
+from .scope import get_ident
+
+if t.TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIApplication
+
+#: Keyword options that go to the sessionmaker; every other one goes to create_engine().
+_SESSION_OPTIONS = frozenset(inspect.signature(Session.__init__).parameters) - {
+    "self",
+    "bind",
+} | {"class_"}
+
+_NO_URL = (
+    "No database URL: pass one to Database(), e.g."
+    " Database('sqlite:///app.db'), or set the DATABASE_URL environment variable."
+)
+
+#: Seconds a SQLite connection waits for another one's write lock.
+SQLITE_BUSY_TIMEOUT = 15
+
+
+class Database(scoped_session[Session]):
+    """Create an engine for ``url`` and a session registry scoped to the
+    current greenlet or thread: a :class:`~sqlalchemy.orm.scoped_session`
+    with defaults that suit a WSGI server.
+
+    -   ``sqlite://`` (in memory): one database shared by every thread, handed
+        to one request at a time, so two requests never share a transaction.
+    -   SQLite files: a busy timeout of :data:`SQLITE_BUSY_TIMEOUT` seconds.
+    -   Server databases: ``pool_pre_ping=True``, so connections the server
+        dropped are replaced instead of failing a request.
+    -   After ``fork()`` the child gets a fresh pool and never touches the
+        parent's connections (gunicorn ``--preload``).
+
+    :param url: the database URL; ``None`` reads ``DATABASE_URL``.
+    :param scopefunc: the key of the current scope; ``None`` means
+        :func:`get_ident` (the current greenlet, else thread).
+    :param options: session options (the keyword arguments of
+        :class:`~sqlalchemy.orm.Session`, such as ``expire_on_commit``, and
+        ``class_``) go to the sessionmaker; all others go to
+        :func:`~sqlalchemy.create_engine` and override the defaults above.
+    :raises TypeError: if there is no URL, or an option is not one of
+        ``Session``'s or ``create_engine()``'s.
+
+    .. code-block:: python
+
+        db = Database("postgresql+psycopg://app@localhost/app", pool_size=10)
+        app = db.middleware(app)
+        db().execute(select(User))  # inside a request
+
+    .. versionadded:: 0.1
+    """
+
+    #: The :class:`~sqlalchemy.Engine` every session is bound to.
+    engine: Engine
+
+    def __init__(
+        self,
+        url: str | URL | None = None,
+        *,
+        scopefunc: t.Callable[[], t.Hashable] | None = None,
+        **options: t.Any,
+    ) -> None:
+        if url is None:
+            url = os.environ.get("DATABASE_URL")
+        if not url:
+            raise TypeError(_NO_URL)
+        url = make_url(url)
+        session_options = {k: options.pop(k) for k in _SESSION_OPTIONS & set(options)}
+        url, engine_options, self._keeper = _engine_defaults(url)
+        connect_args = {**engine_options.pop("connect_args", {})}
+        connect_args.update(options.pop("connect_args", {}))
+        engine_options.update(options)
+        if connect_args:
+            engine_options["connect_args"] = connect_args
+        self.engine = create_engine(url, **engine_options)
+        super().__init__(
+            sessionmaker(self.engine, **session_options),
+            scopefunc=scopefunc or get_ident,
+        )
+        # Sessions open in a parent at fork time; kept so that garbage
+        # collection never rolls back the parent's connections from a child.
+        self._forked_sessions: list[Session] = []
+        if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows
+            os.register_at_fork(
+                after_in_child=functools.partial(_after_fork, weakref.ref(self))
+            )
+
+    def middleware(
+        self, app: WSGIApplication, **options: t.Any
+    ) -> ScopedSessionMiddleware:
+        """Wrap ``app`` in a :class:`ScopedSessionMiddleware` driving this
+        registry; ``options`` are that class's keyword arguments.
+
+        .. versionadded:: 0.1
+        """
+        return ScopedSessionMiddleware(app, self, **options)
+
+    def __repr__(self) -> str:
+        url = self.engine.url.render_as_string(hide_password=True)
+        return f"<{type(self).__name__} {url!r}>"
+
+
+def _engine_defaults(
+    url: URL,
+) -> tuple[URL, dict[str, t.Any], sqlite3.Connection | None]:
+    """The URL and default engine options for ``url``, and for in-memory
+    SQLite the connection that keeps the shared database alive."""
+    if url.get_backend_name() != "sqlite":
+        return url, {"pool_pre_ping": True}, None
+    if url.database not in (None, "", ":memory:"):
+        return url, {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}, None
+    # A named in-memory database that every connection of this process can
+    # open, kept alive by one idle connection; the pool holds one more
+    # connection, so requests take turns instead of sharing a transaction.
+    name = f"file:wsgi_scoped_{uuid.uuid4().hex}"
+    keeper = sqlite3.connect(
+        f"{name}?mode=memory&cache=shared", uri=True, check_same_thread=False
+    )
+    shared = url.set(
+        database=name, query={"mode": "memory", "cache": "shared", "uri": "true"}
+    )
+    options = {
+        "poolclass": QueuePool,
+        "pool_size": 1,
+        "max_overflow": 0,
+        "connect_args": {"check_same_thread": False},
+    }
+    return shared, options, keeper
+
+
+def _after_fork(ref: weakref.ReferenceType[Database]) -> None:
+    """In a forked child: forget the parent's sessions and pooled connections
+    without closing them, since they belong to the parent."""
+    db = ref()
+    if db is None:
+        return
+    sessions = db.registry.registry
+    db._forked_sessions.extend(sessions.values())
+    sessions.clear()
+    db.engine.dispose(close=False)
