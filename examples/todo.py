@@ -84,22 +84,24 @@ def api(environ: WSGIEnvironment, start_response: StartResponse) -> t.Iterable[b
         return _json(start_response, e.status, {"error": str(e)}, *e.headers)
 
 
-def _dispatch(environ: WSGIEnvironment, respond: StartResponse) -> t.Iterable[bytes]:
+def _dispatch(
+    environ: WSGIEnvironment, start_response: StartResponse
+) -> t.Iterable[bytes]:
     path, method = environ.get("PATH_INFO", ""), environ["REQUEST_METHOD"]
     if path == "/todos.ndjson":
         _allow(method, "GET")
-        respond("200 OK", [("Content-Type", "application/x-ndjson")])
+        start_response("200 OK", [("Content-Type", "application/x-ndjson")])
         return _stream_todos()  # lazy: its queries run while the server sends it
     if path == "/todos":
         _allow(method, "GET", "POST")
         if method == "GET":
             todos = db().scalars(select(Todo).order_by(Todo.id))
-            return _json(respond, "200 OK", [todo.to_json() for todo in todos])
+            return _json(start_response, "200 OK", [todo.to_json() for todo in todos])
         new = Todo(**_read_todo(environ, partial=False))
         db().add(new)
         db().commit()  # the middleware ends the session; it never commits
-        location = f"{environ.get('SCRIPT_NAME', '')}/todos/{new.id}"
-        return _json(respond, "201 Created", new.to_json(), ("Location", location))
+        location = ("Location", f"{environ.get('SCRIPT_NAME', '')}/todos/{new.id}")
+        return _json(start_response, "201 Created", new.to_json(), location)
     match = _ITEM.fullmatch(path)
     if match is None:
         raise HTTPError(f"No route for {path!r}.", "404 Not Found")
@@ -110,13 +112,13 @@ def _dispatch(environ: WSGIEnvironment, respond: StartResponse) -> t.Iterable[by
     if method == "DELETE":
         db().delete(todo)
         db().commit()
-        respond("204 No Content", [])
+        start_response("204 No Content", [])
         return []
     if method == "PATCH":
         for name, value in _read_todo(environ, partial=True).items():
             setattr(todo, name, value)
         db().commit()
-    return _json(respond, "200 OK", todo.to_json())
+    return _json(start_response, "200 OK", todo.to_json())
 
 
 def _stream_todos() -> t.Iterator[bytes]:
@@ -130,9 +132,7 @@ def _stream_todos() -> t.Iterator[bytes]:
 def _allow(method: str, *allowed: str) -> None:
     if method not in allowed:
         allow = ", ".join(allowed)
-        raise HTTPError(
-            f"Allowed: {allow}.", "405 Method Not Allowed", ("Allow", allow)
-        )
+        raise HTTPError(f"Use {allow}.", "405 Method Not Allowed", ("Allow", allow))
 
 
 def _read_todo(environ: WSGIEnvironment, partial: bool) -> dict[str, t.Any]:
@@ -141,9 +141,7 @@ def _read_todo(environ: WSGIEnvironment, partial: bool) -> dict[str, t.Any]:
     if not (length.isascii() and length.isdigit()):
         raise HTTPError(f"Invalid Content-Length {length!r}.")
     if int(length) > MAX_BODY_SIZE:
-        raise HTTPError(
-            f"The body is over {MAX_BODY_SIZE} bytes.", "413 Content Too Large"
-        )
+        raise HTTPError(f"Body over {MAX_BODY_SIZE} bytes.", "413 Content Too Large")
     try:
         data = json.loads(environ["wsgi.input"].read(int(length)))
     except ValueError:
@@ -162,11 +160,14 @@ def _read_todo(environ: WSGIEnvironment, partial: bool) -> dict[str, t.Any]:
 
 
 def _json(
-    respond: StartResponse, status: str, payload: object, *headers: tuple[str, str]
+    start_response: StartResponse,
+    status: str,
+    payload: object,
+    *headers: tuple[str, str],
 ) -> list[bytes]:
     body = json.dumps(payload).encode()
     length = ("Content-Length", str(len(body)))
-    respond(status, [("Content-Type", "application/json"), length, *headers])
+    start_response(status, [("Content-Type", "application/json"), length, *headers])
     return [body]
 
 

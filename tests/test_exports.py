@@ -7,7 +7,7 @@ import wsgi_scoped
 
 def test_all_lists_exactly_the_public_names() -> None:
     public = sorted(name for name in vars(wsgi_scoped) if not name.startswith("_"))
-    modules = {"database", "exceptions", "middleware", "scope"}
+    modules = {"database", "exceptions", "middleware", "scope", "transaction"}
     assert sorted(wsgi_scoped.__all__) == sorted(set(public) - modules)
     assert wsgi_scoped.__all__ == sorted(wsgi_scoped.__all__)
 

@@ -28,6 +28,7 @@ if t.TYPE_CHECKING:
 
 @pytest.mark.parametrize("body_kind", BODY_KINDS)
 @pytest.mark.parametrize("placement", ["outside", "inside"])
+@pytest.mark.parametrize("commit", [False, True], ids=["commit=False", "commit=True"])
 @pytest.mark.parametrize(
     "chunks_read",
     [pytest.param(None, id="exhausted"), pytest.param(1, id="closed early")],
@@ -40,13 +41,14 @@ def test_validator_passes_and_session_ended(
     body_kind: str,
     placement: str,
     chunks_read: int | None,
+    commit: bool,
 ) -> None:
     observed = Observed()
     app = make_app(registry, body_kind, observed)
     if placement == "outside":
-        wrapped = validator(ScopedSessionMiddleware(app, registry))
+        wrapped = validator(ScopedSessionMiddleware(app, registry, commit=commit))
     else:
-        wrapped = ScopedSessionMiddleware(validator(app), registry)
+        wrapped = ScopedSessionMiddleware(validator(app), registry, commit=commit)
 
     body = wrapped(environ, start_response)
     iterator = iter(body)
@@ -60,4 +62,4 @@ def test_validator_passes_and_session_ended(
     assert observed.sessions[0].closed == 1  # type: ignore[attr-defined]
     assert not registry.registry.has()
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
-    assert count_items(engine) == 0
+    assert count_items(engine) == (1 if commit else 0)

@@ -6,12 +6,20 @@ from .exceptions import WsgiScopedWarning as WsgiScopedWarning
 from .middleware import ScopedSessionMiddleware as ScopedSessionMiddleware
 from .middleware import is_active as is_active
 from .scope import get_ident as get_ident
+from .transaction import CommitVeto as CommitVeto
+from .transaction import after_commit as after_commit
+from .transaction import default_commit_veto as default_commit_veto
+from .transaction import is_transient as is_transient
 
 __all__ = [
+    "CommitVeto",
     "Database",
     "SQLITE_BUSY_TIMEOUT",
     "ScopedSessionMiddleware",
     "WsgiScopedWarning",
+    "after_commit",
+    "default_commit_veto",
     "get_ident",
     "is_active",
+    "is_transient",
 ]

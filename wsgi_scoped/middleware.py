@@ -4,7 +4,10 @@ ends it, exactly once, when the response ends.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import random
+import time
 import typing as t
 import warnings
 
@@ -13,6 +16,14 @@ from sqlalchemy.orm import scoped_session
 from sqlalchemy.orm import sessionmaker
 
 from .exceptions import WsgiScopedWarning
+from .transaction import CommitVeto
+from .transaction import _commit
+from .transaction import _drop_hooks
+from .transaction import _HeldResponse
+from .transaction import _replayable_input
+from .transaction import _run_hooks
+from .transaction import default_commit_veto
+from .transaction import is_transient
 
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
@@ -24,6 +35,10 @@ logger = logging.getLogger(__name__)
 #: Environ key holding the registries whose sessions an outer layer manages.
 _ACTIVE = "wsgi_scoped.active"
 _Registries = tuple["scoped_session[t.Any]", ...]
+#: Environ key a handler sets to ``False`` to keep its transaction out of commit=True.
+_COMMIT = "wsgi_scoped.commit"
+#: Environ key holding the attempt number (1, 2, ...) under commit=True.
+_ATTEMPT = "wsgi_scoped.attempt"
 
 _STALE = (
     "A session was still registered for this thread or greenlet when a request"
@@ -74,21 +89,59 @@ class ScopedSessionMiddleware:
     :param app: the WSGI application to wrap.
     :param registry: a :class:`~sqlalchemy.orm.scoped_session`, or a
         :class:`Database`, whose session code calls during the request.
-    :raises TypeError: if ``app`` is not callable or ``registry`` is not a
-        ``scoped_session``.
+    :param commit: commit each request's transaction before its status line
+        is sent, unless it failed or ``commit_veto`` says abort; ``False``
+        leaves commits to the handlers and rolls back the rest.
+    :param commit_veto: ``(environ, status, headers) -> bool``, ``True`` to
+        abort; ``None`` means :func:`default_commit_veto`. Needs ``commit``.
+    :param retries: how many more times to run a request whose transaction
+        failed with a transient error (:func:`is_transient`) before anything
+        was sent. Needs ``commit``.
+    :param replay_memory: bytes of a request body kept in memory for a
+        retry; larger bodies are spooled to a temporary file.
+    :param replay_limit: bytes of a request body above which the request is
+        not retried.
+    :param retry_backoff: seconds; before attempt *n + 1* the middleware
+        sleeps a random time up to ``retry_backoff * 2 ** (n - 1)``.
+    :raises TypeError: if ``app`` is not callable, ``registry`` is not a
+        ``scoped_session``, or an option has the wrong type.
+    :raises ValueError: if an option is out of range, or needs ``commit``.
 
     .. code-block:: python
 
         Session = scoped_session(sessionmaker(engine))
-        app = ScopedSessionMiddleware(app, Session)
+        app = ScopedSessionMiddleware(app, Session, commit=True, retries=2)
 
     .. versionadded:: 0.1
     """
 
-    def __init__(self, app: WSGIApplication, registry: scoped_session[t.Any]) -> None:
+    def __init__(
+        self,
+        app: WSGIApplication,
+        registry: scoped_session[t.Any],
+        *,
+        commit: bool = False,
+        commit_veto: CommitVeto | None = None,
+        retries: int = 0,
+        replay_memory: int = 1024 * 1024,
+        replay_limit: int = 16 * 1024 * 1024,
+        retry_backoff: float = 0.05,
+    ) -> None:
         _check_arguments(app, registry)
+        _check_options(commit, commit_veto, retries, replay_memory, replay_limit)
+        if not isinstance(retry_backoff, (int, float)) or retry_backoff < 0:
+            raise ValueError(
+                "'retry_backoff' must be a number of seconds >= 0,"
+                f" got {retry_backoff!r}."
+            )
         self.app = app
         self.registry = registry
+        self.commit = commit
+        self.commit_veto = commit_veto or default_commit_veto
+        self.retries = retries
+        self.replay_memory = replay_memory
+        self.replay_limit = replay_limit
+        self.retry_backoff = retry_backoff
 
     def __call__(
         self, environ: WSGIEnvironment, start_response: StartResponse
@@ -102,27 +155,129 @@ class ScopedSessionMiddleware:
             _end_quietly(registry, environ, outer)
             warnings.warn(_STALE, WsgiScopedWarning, stacklevel=2)
         environ[_ACTIVE] = (*outer, registry)
+        if self.commit:
+            return self._transaction(environ, start_response, outer)
 
         try:
             body = self.app(environ, start_response)
         except BaseException:
             _end_quietly(registry, environ, outer)
             raise
-
-        if type(body) is list or type(body) is tuple or _is_file(body, environ):
-            try:
-                _end(registry, environ, outer)
-            except BaseException:
-                _close_quietly(body, environ)
-                raise
+        if _is_materialized(body, environ):
+            _end_materialized(registry, environ, outer, body)
             return body
         return _ScopedBody(body, registry, environ, outer)
 
+    def _transaction(
+        self,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+        outer: _Registries,
+    ) -> t.Iterable[bytes]:
+        """Run the request (again, on transient errors) under commit=True."""
+        attempts, replay, replayable = 1, None, False
+        if self.retries:
+            replay, replayable = _replayable_input(
+                environ, self.replay_memory, self.replay_limit
+            )
+        if replayable:
+            attempts += self.retries
+            pristine = dict(environ)
+        for attempt in range(1, attempts + 1):
+            if attempt > 1:
+                limit = self.retry_backoff * 2 ** (attempt - 2)
+                time.sleep(random.uniform(0, limit))
+                # Frameworks cache parsed requests in environ: start afresh.
+                environ.clear()
+                environ.update(pristine)
+                replay.seek(0)  # type: ignore[union-attr]
+            environ[_ATTEMPT] = attempt
+            response = _HeldResponse(start_response)
+            try:
+                return self._attempt(environ, response, outer, replay)
+            except BaseException as error:
+                if attempt == attempts or response.released or not is_transient(error):
+                    if replay is not None:
+                        replay.close()
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _attempt(
+        self,
+        environ: WSGIEnvironment,
+        response: _HeldResponse,
+        outer: _Registries,
+        replay: t.IO[bytes] | None,
+    ) -> t.Iterable[bytes]:
+        """One run of the application: its work is committed, or rolled
+        back, before the status line is released to the server."""
+        registry = self.registry
+        response.finish = lambda: self._finish_handler(environ, response)
+        body: t.Iterable[bytes] | None = None
+        try:
+            body = self.app(environ, response)
+            chunks: t.Iterator[bytes] | None = None
+            if not _is_materialized(body, environ) and response.status is None:
+                # A generator that calls start_response when first iterated.
+                iterator = iter(body)
+                chunks = itertools.chain(tuple(itertools.islice(iterator, 1)), iterator)
+            if not response.released:
+                response.finish()
+        except BaseException:
+            if body is not None:
+                _close_quietly(body, environ)
+            _end_quietly(registry, environ, outer)
+            raise
+        if _is_materialized(body, environ):
+            _end_materialized(registry, environ, outer, body)
+            if replay is not None:
+                replay.close()
+            return body
+        scoped = _ScopedBody(body, registry, environ, outer, chunks, replay)
+        scoped.commit = response.committed
+        return scoped
+
+    def _finish_handler(
+        self, environ: WSGIEnvironment, response: _HeldResponse
+    ) -> None:
+        """Commit or roll back the handler's work, then release the status."""
+        status, headers = response.status, response.headers
+        if status is None:
+            # The application never called start_response: the server will
+            # fail the request, and there is no status to release.
+            return
+        commit = environ.get(_COMMIT, True) is not False and not self.commit_veto(
+            environ, status, headers
+        )
+        sessions = self.registry.registry
+        if sessions.has():
+            session = sessions()
+            if commit:
+                _commit(session)
+                _run_hooks(session, environ)
+            else:
+                session.rollback()
+                _drop_hooks(session)
+        response.committed = commit
+        response.release()
+
 
 class _ScopedBody:
-    """A lazy body: iterated as it is, ending the session in ``close()``."""
+    """A lazy body: iterated as it is, ending the session in ``close()``.
+    Under commit=True, work done while it was produced is committed there if
+    the request committed and the body was produced to its end."""
 
-    __slots__ = ("_body", "_registry", "_environ", "_outer", "_closed")
+    __slots__ = (
+        "_body",
+        "_registry",
+        "_environ",
+        "_outer",
+        "_chunks",
+        "_replay",
+        "_closed",
+        "_done",
+        "commit",
+    )
 
     def __init__(
         self,
@@ -130,29 +285,89 @@ class _ScopedBody:
         registry: scoped_session[t.Any],
         environ: WSGIEnvironment,
         outer: _Registries,
+        chunks: t.Iterator[bytes] | None = None,
+        replay: t.IO[bytes] | None = None,
     ) -> None:
         self._body = body
         self._registry = registry
         self._environ = environ
         self._outer = outer
+        self._chunks = chunks
+        self._replay = replay
         self._closed = False
+        self._done = False
+        self.commit = False
 
     def __iter__(self) -> t.Iterator[bytes]:
         # The server iterates the body itself: no Python work per chunk.
-        return iter(self._body)
+        if not self.commit:
+            return self._chunks or iter(self._body)
+        return itertools.chain(self._chunks or self._body, self._finished())
+
+    def _finished(self) -> t.Iterator[bytes]:
+        """Reached only when the body was produced to its end."""
+        self._done = True
+        yield from ()
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        close = getattr(self._body, "close", None)
-        if close is not None:
-            try:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
                 close()
-            except BaseException:
-                _end_quietly(self._registry, self._environ, self._outer)
-                raise
+            if self._done:
+                self._commit_body()
+        except BaseException:
+            _end_quietly(self._registry, self._environ, self._outer)
+            raise
+        finally:
+            if self._replay is not None:
+                self._replay.close()
         _end(self._registry, self._environ, self._outer)
+
+    def _commit_body(self) -> None:
+        sessions = self._registry.registry
+        if not sessions.has():
+            return
+        session = sessions()
+        try:
+            _commit(session)
+        except Exception:
+            # The status went out long ago: the log is the only witness.
+            logger.error(
+                "Committing the work of the response body failed for %s %s",
+                self._environ.get("REQUEST_METHOD"),
+                self._environ.get("PATH_INFO"),
+                exc_info=True,
+            )
+            raise
+        _run_hooks(session, self._environ)
+
+
+def _is_materialized(body: t.Iterable[bytes], environ: WSGIEnvironment) -> bool:
+    """A list, tuple or the server's file wrapper: nothing left for the
+    session to produce."""
+    if type(body) is list or type(body) is tuple:
+        return True
+    wrapper = environ.get("wsgi.file_wrapper")
+    return isinstance(wrapper, type) and isinstance(body, wrapper)
+
+
+def _end_materialized(
+    registry: scoped_session[t.Any],
+    environ: WSGIEnvironment,
+    outer: _Registries,
+    body: t.Iterable[bytes],
+) -> None:
+    """End the session before returning a body; close the body if that
+    fails, since the server will never see it."""
+    try:
+        _end(registry, environ, outer)
+    except BaseException:
+        _close_quietly(body, environ)
+        raise
 
 
 def _end(
@@ -208,13 +423,6 @@ def _close_quietly(body: t.Iterable[bytes], environ: WSGIEnvironment) -> None:
             )
 
 
-def _is_file(body: t.Iterable[bytes], environ: WSGIEnvironment) -> bool:
-    """Whether ``body`` is the server's ``wsgi.file_wrapper``, whose bytes
-    come from a file, not from the session."""
-    wrapper = environ.get("wsgi.file_wrapper")
-    return isinstance(wrapper, type) and isinstance(body, wrapper)
-
-
 def _check_arguments(app: object, registry: object) -> None:
     if isinstance(app, scoped_session):
         raise TypeError(
@@ -240,3 +448,33 @@ def _check_arguments(app: object, registry: object) -> None:
             " scoped_session(sessionmaker(...)) instead."
         )
     raise TypeError(f"{expected} Create one with scoped_session(sessionmaker(engine)).")
+
+
+def _check_options(
+    commit: object,
+    commit_veto: object,
+    retries: object,
+    replay_memory: object,
+    replay_limit: object,
+) -> None:
+    if not isinstance(commit, bool):
+        raise TypeError(f"'commit' must be True or False, got {commit!r}.")
+    if commit_veto is not None and not callable(commit_veto):
+        raise TypeError(
+            "'commit_veto' must be a callable (environ, status, headers) -> bool,"
+            f" got {type(commit_veto).__name__!r}."
+        )
+    for name, value in (
+        ("retries", retries),
+        ("replay_memory", replay_memory),
+        ("replay_limit", replay_limit),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"'{name}' must be an int >= 0, got {value!r}.")
+    if not commit and (commit_veto is not None or retries):
+        option = "commit_veto" if commit_veto is not None else "retries"
+        raise ValueError(
+            f"'{option}' needs commit=True: without it the handlers commit their"
+            " own work, which the middleware can neither veto nor run again."
+            f" Pass commit=True, or drop '{option}'."
+        )
