@@ -11,17 +11,16 @@ import time
 import typing as t
 import warnings
 
-from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session
-from sqlalchemy.orm import sessionmaker
 
+from ._arguments import _check_arguments
+from ._arguments import _check_options
 from .exceptions import WsgiScopedWarning
 from .transaction import CommitVeto
-from .transaction import _commit
-from .transaction import _drop_hooks
+from .transaction import _commit_body
+from .transaction import _finish_handler
 from .transaction import _HeldResponse
 from .transaction import _replayable_input
-from .transaction import _run_hooks
 from .transaction import default_commit_veto
 from .transaction import is_transient
 
@@ -35,8 +34,6 @@ logger = logging.getLogger(__name__)
 #: Environ key holding the registries whose sessions an outer layer manages.
 _ACTIVE = "wsgi_scoped.active"
 _Registries = tuple["scoped_session[t.Any]", ...]
-#: Environ key a handler sets to ``False`` to keep its transaction out of commit=True.
-_COMMIT = "wsgi_scoped.commit"
 #: Environ key holding the attempt number (1, 2, ...) under commit=True.
 _ATTEMPT = "wsgi_scoped.attempt"
 
@@ -128,12 +125,9 @@ class ScopedSessionMiddleware:
         retry_backoff: float = 0.05,
     ) -> None:
         _check_arguments(app, registry)
-        _check_options(commit, commit_veto, retries, replay_memory, replay_limit)
-        if not isinstance(retry_backoff, (int, float)) or retry_backoff < 0:
-            raise ValueError(
-                "'retry_backoff' must be a number of seconds >= 0,"
-                f" got {retry_backoff!r}."
-            )
+        _check_options(
+            commit, commit_veto, retries, replay_memory, replay_limit, retry_backoff
+        )
         self.app = app
         self.registry = registry
         self.commit = commit
@@ -212,7 +206,9 @@ class ScopedSessionMiddleware:
         """One run of the application: its work is committed, or rolled
         back, before the status line is released to the server."""
         registry = self.registry
-        response.finish = lambda: self._finish_handler(environ, response)
+        response.finish = lambda: _finish_handler(
+            registry, self.commit_veto, environ, response
+        )
         body: t.Iterable[bytes] | None = None
         try:
             body = self.app(environ, response)
@@ -236,30 +232,6 @@ class ScopedSessionMiddleware:
         scoped = _ScopedBody(body, registry, environ, outer, chunks, replay)
         scoped.commit = response.committed
         return scoped
-
-    def _finish_handler(
-        self, environ: WSGIEnvironment, response: _HeldResponse
-    ) -> None:
-        """Commit or roll back the handler's work, then release the status."""
-        status, headers = response.status, response.headers
-        if status is None:
-            # The application never called start_response: the server will
-            # fail the request, and there is no status to release.
-            return
-        commit = environ.get(_COMMIT, True) is not False and not self.commit_veto(
-            environ, status, headers
-        )
-        sessions = self.registry.registry
-        if sessions.has():
-            session = sessions()
-            if commit:
-                _commit(session)
-                _run_hooks(session, environ)
-            else:
-                session.rollback()
-                _drop_hooks(session)
-        response.committed = commit
-        response.release()
 
 
 class _ScopedBody:
@@ -318,7 +290,7 @@ class _ScopedBody:
             if close is not None:
                 close()
             if self._done:
-                self._commit_body()
+                _commit_body(self._registry, self._environ)
         except BaseException:
             _end_quietly(self._registry, self._environ, self._outer)
             raise
@@ -326,24 +298,6 @@ class _ScopedBody:
             if self._replay is not None:
                 self._replay.close()
         _end(self._registry, self._environ, self._outer)
-
-    def _commit_body(self) -> None:
-        sessions = self._registry.registry
-        if not sessions.has():
-            return
-        session = sessions()
-        try:
-            _commit(session)
-        except Exception:
-            # The status went out long ago: the log is the only witness.
-            logger.error(
-                "Committing the work of the response body failed for %s %s",
-                self._environ.get("REQUEST_METHOD"),
-                self._environ.get("PATH_INFO"),
-                exc_info=True,
-            )
-            raise
-        _run_hooks(session, self._environ)
 
 
 def _is_materialized(body: t.Iterable[bytes], environ: WSGIEnvironment) -> bool:
@@ -421,60 +375,3 @@ def _close_quietly(body: t.Iterable[bytes], environ: WSGIEnvironment) -> None:
                 environ.get("PATH_INFO"),
                 exc_info=True,
             )
-
-
-def _check_arguments(app: object, registry: object) -> None:
-    if isinstance(app, scoped_session):
-        raise TypeError(
-            "'app' is a scoped_session: the arguments are swapped."
-            " Use ScopedSessionMiddleware(app, registry)."
-        )
-    if not callable(app):
-        raise TypeError(
-            "'app' must be a WSGI application (a callable taking environ and"
-            f" start_response), got {type(app).__name__!r}."
-        )
-    if isinstance(registry, scoped_session):
-        return
-    expected = (
-        "'registry' must be a sqlalchemy.orm.scoped_session or a"
-        f" wsgi_scoped.Database, got {type(registry).__name__!r}."
-    )
-    if isinstance(registry, sessionmaker):
-        raise TypeError(f"{expected} Wrap it: scoped_session(sessionmaker(...)).")
-    if isinstance(registry, Session):
-        raise TypeError(
-            f"{expected} One Session would be shared by every request; pass"
-            " scoped_session(sessionmaker(...)) instead."
-        )
-    raise TypeError(f"{expected} Create one with scoped_session(sessionmaker(engine)).")
-
-
-def _check_options(
-    commit: object,
-    commit_veto: object,
-    retries: object,
-    replay_memory: object,
-    replay_limit: object,
-) -> None:
-    if not isinstance(commit, bool):
-        raise TypeError(f"'commit' must be True or False, got {commit!r}.")
-    if commit_veto is not None and not callable(commit_veto):
-        raise TypeError(
-            "'commit_veto' must be a callable (environ, status, headers) -> bool,"
-            f" got {type(commit_veto).__name__!r}."
-        )
-    for name, value in (
-        ("retries", retries),
-        ("replay_memory", replay_memory),
-        ("replay_limit", replay_limit),
-    ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"'{name}' must be an int >= 0, got {value!r}.")
-    if not commit and (commit_veto is not None or retries):
-        option = "commit_veto" if commit_veto is not None else "retries"
-        raise ValueError(
-            f"'{option}' needs commit=True: without it the handlers commit their"
-            " own work, which the middleware can neither veto nor run again."
-            f" Pass commit=True, or drop '{option}'."
-        )

@@ -12,6 +12,7 @@ import typing as t
 
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm import scoped_session
 
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
@@ -27,6 +28,8 @@ logger = logging.getLogger("wsgi_scoped.middleware")
 TM_HEADER = "x-tm"
 
 _HOOKS = "wsgi_scoped.after_commit"
+#: Environ key a handler sets to ``False`` to keep its request out of commit=True.
+COMMIT_KEY = "wsgi_scoped.commit"
 
 #: SQLSTATEs of PostgreSQL's serialization failure and deadlock.
 _PG_TRANSIENT = frozenset({"40001", "40P01"})
@@ -153,6 +156,54 @@ class _HeldResponse:
         self.server_write = self.start_response(status, headers, self.exc_info)
         self.exc_info = None
         self.released = True
+
+
+def _finish_handler(
+    registry: scoped_session[t.Any],
+    commit_veto: CommitVeto,
+    environ: WSGIEnvironment,
+    response: _HeldResponse,
+) -> None:
+    """Commit or roll back the handler's work, then release the status."""
+    status, headers = response.status, response.headers
+    if status is None:
+        # The application never called start_response: the server will fail
+        # the request, and there is no status to release.
+        return
+    commit = environ.get(COMMIT_KEY, True) is not False and not commit_veto(
+        environ, status, headers
+    )
+    sessions = registry.registry
+    if sessions.has():
+        session = sessions()
+        if commit:
+            _commit(session)
+            _run_hooks(session, environ)
+        else:
+            session.rollback()
+            _drop_hooks(session)
+    response.committed = commit
+    response.release()
+
+
+def _commit_body(registry: scoped_session[t.Any], environ: WSGIEnvironment) -> None:
+    """Commit what a streamed body did, after its status went out."""
+    sessions = registry.registry
+    if not sessions.has():
+        return
+    session = sessions()
+    try:
+        _commit(session)
+    except Exception:
+        # The status went out long ago: the log is the only witness.
+        logger.error(
+            "Committing the work of the response body failed for %s %s",
+            environ.get("REQUEST_METHOD"),
+            environ.get("PATH_INFO"),
+            exc_info=True,
+        )
+        raise
+    _run_hooks(session, environ)
 
 
 def is_transient(error: BaseException) -> bool:
