@@ -17,6 +17,8 @@ if t.TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
     from _typeshed.wsgi import WSGIEnvironment
 
+pytest_plugins = ["pytester"]
+
 BODY_KINDS = ["list", "tuple", "generator", "file_wrapper", "iterable_with_close"]
 MATERIALIZED = {"list", "tuple", "file_wrapper"}
 

@@ -636,3 +636,53 @@ def test_request_without_session_use_creates_none(
     registry = scoped_session(sessionmaker(engine, class_=Recording))
     assert ScopedSessionMiddleware(noop_app, registry)(environ, start_response) == []
     assert created == []
+
+
+@pytest.mark.parametrize("body_kind", BODY_KINDS)
+@pytest.mark.parametrize("commit", [False, True], ids=["commit=False", "commit=True"])
+def test_injected_session_used_and_kept(
+    registry: Registry,
+    engine: Engine,
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+    body_kind: str,
+    commit: bool,
+) -> None:
+    """A test hands its session through ``wsgi_scoped.session``: the request
+    uses it, the commit policy applies to it, and it is neither closed nor
+    unregistered; what the request left uncommitted is rolled back."""
+    session = registry()  # the test's own session, registered for its thread
+    environ["wsgi_scoped.session"] = session
+    observed = Observed()
+    inner = make_app(registry, body_kind, observed)
+    body = ScopedSessionMiddleware(inner, registry, commit=commit)(
+        environ, start_response
+    )
+    b"".join(body)
+    getattr(body, "close", lambda: None)()
+    assert all(s is session for s in observed.sessions)
+    assert session.closed == 0
+    assert registry() is session
+    assert not session.in_transaction()
+    assert count_items(engine) == (1 if commit else 0)
+
+
+def test_injected_session_registered_in_other_thread(
+    registry: Registry, environ: WSGIEnvironment, start_response: StartResponseRecorder
+) -> None:
+    import threading
+
+    session = registry()
+    environ["wsgi_scoped.session"] = session
+    seen: list[object] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        seen.append(registry())
+        start_response("200 OK", [])
+        return [b""]
+
+    wrapped = ScopedSessionMiddleware(app, registry)
+    thread = threading.Thread(target=wrapped, args=(environ, start_response))
+    thread.start()
+    thread.join(timeout=10)
+    assert seen == [session]

@@ -11,6 +11,7 @@ import time
 import typing as t
 import warnings
 
+from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session
 
 from ._arguments import _check_arguments
@@ -36,6 +37,8 @@ _ACTIVE = "wsgi_scoped.active"
 _Registries = tuple["scoped_session[t.Any]", ...]
 #: Environ key holding the attempt number (1, 2, ...) under commit=True.
 _ATTEMPT = "wsgi_scoped.attempt"
+#: Environ key of a session a test hands to the request; the test owns it.
+_SESSION = "wsgi_scoped.session"
 
 _STALE = (
     "A session was still registered for this thread or greenlet when a request"
@@ -145,9 +148,12 @@ class ScopedSessionMiddleware:
         if registry in outer:
             # An outer layer owns this request's session and will end it.
             return self.app(environ, start_response)
-        if registry.registry.has():
+        injected = environ.get(_SESSION)
+        if registry.registry.has() and registry.registry() is not injected:
             _end_quietly(registry, environ, outer)
             warnings.warn(_STALE, WsgiScopedWarning, stacklevel=2)
+        if injected is not None:
+            registry.registry.set(injected)
         environ[_ACTIVE] = (*outer, registry)
         if self.commit:
             return self._transaction(environ, start_response, outer)
@@ -339,8 +345,13 @@ def _end(
         environ.pop(_ACTIVE, None)
     sessions = registry.registry
     if sessions.has():
+        session: Session = sessions()
+        if session is environ.get(_SESSION):
+            # The test owns it: undo only what the request left uncommitted.
+            session.rollback()
+            return
         try:
-            sessions().close()
+            session.close()
         finally:
             sessions.clear()
 
