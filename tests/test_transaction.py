@@ -268,7 +268,9 @@ def test_commit_failure_never_reports_2xx(
 ) -> None:
     """A duplicate key flushed by the commit itself: the error reaches the
     server before any status, nothing is committed, nothing leaks."""
-    engine = create_engine(backend_url)
+    postgresql = backend_url.startswith("postgresql")
+    name = {"application_name": "wsgi_scoped_commit_failure"}
+    engine = create_engine(backend_url, connect_args=name if postgresql else {})
     Base.metadata.drop_all(engine)
     Base.metadata.create_all(engine)
     with engine.begin() as connection:
@@ -312,7 +314,7 @@ def test_commit_failure_never_reports_2xx(
             assert files[0].closed
         if body_kind in ("generator", "iterable_with_close"):
             assert closed == [] or closed == [True]  # never started, or closed
-        if backend_url.startswith("postgresql"):
+        if postgresql:
             assert idle_in_transaction(engine) == 0
     finally:
         registry.remove()
@@ -321,11 +323,15 @@ def test_commit_failure_never_reports_2xx(
 
 
 def idle_in_transaction(engine: Engine) -> int:
+    """Connections of this engine's application_name left idle in a
+    transaction, as PostgreSQL sees them."""
     with engine.connect() as connection:
         count = connection.execute(
             text(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname ="
-                " current_database() AND state LIKE 'idle in transaction%'"
+                " current_database() AND application_name ="
+                " current_setting('application_name')"
+                " AND state LIKE 'idle in transaction%'"
             )
         )
         return int(count.scalar_one())
