@@ -728,6 +728,13 @@ def test_no_retry_once_the_response_started(
     assert lock.attempts == [1]
 
 
+def mysql_error(kind: str, number: int, sqlstate: str) -> Exception:
+    """A PyMySQL error as the driver raises it: with its SQLSTATE set."""
+    error = getattr(__import__("pymysql").err, kind)(number, "message")
+    error.sqlstate = sqlstate
+    return t.cast(Exception, error)
+
+
 @pytest.mark.parametrize(
     ("make_error", "transient"),
     [
@@ -752,6 +759,16 @@ def test_no_retry_once_the_response_started(
             ),
             True,
             id="pymysql 1205",
+        ),
+        pytest.param(
+            lambda: mysql_error("OperationalError", 1205, "HY000"),
+            True,
+            id="pymysql 1205 with its SQLSTATE",
+        ),
+        pytest.param(
+            lambda: mysql_error("OperationalError", 1213, "40001"),
+            True,
+            id="pymysql 1213 with its SQLSTATE",
         ),
         pytest.param(
             lambda: __import__("pymysql").err.IntegrityError(1062, "Duplicate entry"),

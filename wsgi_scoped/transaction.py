@@ -231,16 +231,16 @@ def is_transient(error: BaseException) -> bool:
 
 
 def _is_transient_driver_error(orig: BaseException) -> bool:
-    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    if code is not None:
-        return code in _PG_TRANSIENT
+    # By driver family first: MySQL drivers set a SQLSTATE too (HY000 for a
+    # lock wait timeout), which must not be read as PostgreSQL's.
     module = type(orig).__module__
     if module.startswith(_MYSQL_DRIVERS):
         number = getattr(orig, "errno", None) or (orig.args[:1] or (None,))[0]
         return number in _MYSQL_TRANSIENT
     if module == "sqlite3":
         return str(orig).startswith("database is locked")
-    return False
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return code in _PG_TRANSIENT
 
 
 def _replayable_input(
