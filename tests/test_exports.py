@@ -15,7 +15,9 @@ def test_all_lists_exactly_the_public_names() -> None:
     modules = {
         "database",
         "exceptions",
+        "health",
         "middleware",
+        "observe",
         "pytest_plugin",
         "scope",
         "transaction",

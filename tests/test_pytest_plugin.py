@@ -241,7 +241,7 @@ def wsgi_scoped_registry():
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(
-        ["*The registry's sessionmaker is not bound to an Engine, got 'NoneType'*"]
+        ["*The wsgi_scoped fixtures need a wsgi_scoped.Database, a scoped_session*"]
     )
 
 

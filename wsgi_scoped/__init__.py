@@ -3,8 +3,10 @@
 from .database import SQLITE_BUSY_TIMEOUT as SQLITE_BUSY_TIMEOUT
 from .database import Database as Database
 from .exceptions import WsgiScopedWarning as WsgiScopedWarning
+from .health import HealthCheck as HealthCheck
 from .middleware import ScopedSessionMiddleware as ScopedSessionMiddleware
 from .middleware import is_active as is_active
+from .observe import RequestStats as RequestStats
 from .scope import get_ident as get_ident
 from .transaction import CommitVeto as CommitVeto
 from .transaction import after_commit as after_commit
@@ -14,6 +16,8 @@ from .transaction import is_transient as is_transient
 __all__ = [
     "CommitVeto",
     "Database",
+    "HealthCheck",
+    "RequestStats",
     "SQLITE_BUSY_TIMEOUT",
     "ScopedSessionMiddleware",
     "WsgiScopedWarning",

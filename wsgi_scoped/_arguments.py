@@ -3,6 +3,7 @@ mistake fails at start-up with a message that says how to fix it."""
 
 from __future__ import annotations
 
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session
 from sqlalchemy.orm import sessionmaker
@@ -68,3 +69,52 @@ def _check_options(
             " own work, which the middleware can neither veto nor run again."
             f" Pass commit=True, or drop '{option}'."
         )
+
+
+def _check_observing(
+    stats: object,
+    server_timing: object,
+    warn_statements: object,
+    warn_db_time: object,
+    trace: object,
+) -> None:
+    for name, value in (("stats", stats), ("server_timing", server_timing)):
+        if not isinstance(value, bool):
+            raise TypeError(f"'{name}' must be True or False, got {value!r}.")
+    if warn_statements is not None and (
+        not isinstance(warn_statements, int)
+        or isinstance(warn_statements, bool)
+        or warn_statements < 0
+    ):
+        raise ValueError(
+            f"'warn_statements' must be an int >= 0 or None, got {warn_statements!r}."
+        )
+    if warn_db_time is not None and (
+        not isinstance(warn_db_time, (int, float)) or warn_db_time < 0
+    ):
+        raise ValueError(
+            "'warn_db_time' must be a number of seconds >= 0 or None,"
+            f" got {warn_db_time!r}."
+        )
+    if not isinstance(trace, (bool, str)) or trace == "":
+        raise TypeError(
+            "'trace' must be True, False or the name of a request id header"
+            f" such as 'X-Request-Id', got {trace!r}."
+        )
+
+
+def _engine_of(database: object, what: str) -> Engine:
+    """The engine behind a Database, a bound scoped_session or an Engine."""
+    engine = database
+    if isinstance(database, scoped_session):
+        engine = getattr(database, "engine", None) or database.session_factory.kw.get(
+            "bind"
+        )
+    if not isinstance(engine, Engine):
+        raise TypeError(
+            f"{what} need a wsgi_scoped.Database, a scoped_session bound to one"
+            f" Engine, or an Engine, got {type(database).__name__!r} (bound to"
+            f" {type(engine).__name__!r}). Create the registry with"
+            " scoped_session(sessionmaker(engine))."
+        )
+    return engine

@@ -15,8 +15,11 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session
 
 from ._arguments import _check_arguments
+from ._arguments import _check_observing
 from ._arguments import _check_options
 from .exceptions import WsgiScopedWarning
+from .observe import STATS_KEY
+from .observe import _Observer
 from .transaction import CommitVeto
 from .transaction import _commit_body
 from .transaction import _finish_handler
@@ -126,11 +129,17 @@ class ScopedSessionMiddleware:
         replay_memory: int = 1024 * 1024,
         replay_limit: int = 16 * 1024 * 1024,
         retry_backoff: float = 0.05,
+        stats: bool = False,
+        server_timing: bool = False,
+        warn_statements: int | None = None,
+        warn_db_time: float | None = None,
+        trace: bool | str = False,
     ) -> None:
         _check_arguments(app, registry)
         _check_options(
             commit, commit_veto, retries, replay_memory, replay_limit, retry_backoff
         )
+        _check_observing(stats, server_timing, warn_statements, warn_db_time, trace)
         self.app = app
         self.registry = registry
         self.commit = commit
@@ -139,6 +148,18 @@ class ScopedSessionMiddleware:
         self.replay_memory = replay_memory
         self.replay_limit = replay_limit
         self.retry_backoff = retry_backoff
+        self._observer: _Observer | None = None
+        if stats or server_timing or warn_statements or warn_db_time or trace:
+            self._observer = _Observer(
+                registry,
+                commit=commit,
+                server_timing=server_timing,
+                warn_statements=warn_statements,
+                warn_db_time=warn_db_time,
+                trace=trace,
+            )
+        # Server-Timing must be in the headers before they go out.
+        self._hold = commit or server_timing
 
     def __call__(
         self, environ: WSGIEnvironment, start_response: StartResponse
@@ -155,8 +176,10 @@ class ScopedSessionMiddleware:
         if injected is not None:
             registry.registry.set(injected)
         environ[_ACTIVE] = (*outer, registry)
-        if self.commit:
+        if self._hold:
             return self._transaction(environ, start_response, outer)
+        if self._observer is not None:
+            self._observer.start(environ)
 
         try:
             body = self.app(environ, start_response)
@@ -192,6 +215,8 @@ class ScopedSessionMiddleware:
                 environ.update(pristine)
                 replay.seek(0)  # type: ignore[union-attr]
             environ[_ATTEMPT] = attempt
+            if self._observer is not None:
+                self._observer.start(environ)
             response = _HeldResponse(start_response)
             try:
                 return self._attempt(environ, response, outer, replay)
@@ -212,9 +237,8 @@ class ScopedSessionMiddleware:
         """One run of the application: its work is committed, or rolled
         back, before the status line is released to the server."""
         registry = self.registry
-        response.finish = lambda: _finish_handler(
-            registry, self.commit_veto, environ, response
-        )
+        veto = self.commit_veto if self.commit else None
+        response.finish = lambda: _finish_handler(registry, veto, environ, response)
         body: t.Iterable[bytes] | None = None
         try:
             body = self.app(environ, response)
@@ -343,17 +367,26 @@ def _end(
         environ[_ACTIVE] = outer
     else:
         environ.pop(_ACTIVE, None)
+    stats = environ.get(STATS_KEY)
+    if stats is not None and stats._registry is not registry:
+        stats = None  # another layer's
     sessions = registry.registry
-    if sessions.has():
-        session: Session = sessions()
-        if session is environ.get(_SESSION):
-            # The test owns it: undo only what the request left uncommitted.
-            session.rollback()
-            return
-        try:
-            session.close()
-        finally:
-            sessions.clear()
+    try:
+        if sessions.has():
+            session: Session = sessions()
+            if session is environ.get(_SESSION):
+                # The test owns it: undo only what the request left uncommitted.
+                session.rollback()
+                return
+            if stats is not None:
+                stats._observer.before_end(stats, session, environ)
+            try:
+                session.close()
+            finally:
+                sessions.clear()
+    finally:
+        if stats is not None:
+            stats._observer.finish(stats, environ)
 
 
 def _end_quietly(

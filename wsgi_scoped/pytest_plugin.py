@@ -15,6 +15,8 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session
 
+from ._arguments import _engine_of
+
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
 
@@ -62,7 +64,7 @@ def wsgi_scoped_connection(
     """
     registry = wsgi_scoped_registry
     factory = registry.session_factory
-    connection = _engine_of(registry).connect()
+    connection = _engine_of(registry, "The wsgi_scoped fixtures").connect()
     restore_sqlite = _emit_sqlite_begin(connection)
     transaction = connection.begin()
     saved = dict(factory.kw)
@@ -111,7 +113,7 @@ def wsgi_scoped_queries(
 ) -> t.Callable[..., t.ContextManager[list[str]]]:
     """:func:`count_queries` for the registry's engine:
     ``with wsgi_scoped_queries(max=2) as statements: ...``."""
-    engine = _engine_of(wsgi_scoped_registry)
+    engine = _engine_of(wsgi_scoped_registry, "The wsgi_scoped fixtures")
     return lambda max=None: count_queries(engine, max=max)
 
 
@@ -150,18 +152,6 @@ def count_queries(
         raise AssertionError(
             f"{len(statements)} SQL statements ran, at most {max} expected:\n{listing}"
         )
-
-
-def _engine_of(registry: scoped_session[t.Any]) -> Engine:
-    engine = getattr(registry, "engine", None) or registry.session_factory.kw.get(
-        "bind"
-    )
-    if not isinstance(engine, Engine):
-        raise TypeError(
-            "The registry's sessionmaker is not bound to an Engine, got"
-            f" {type(engine).__name__!r}: create it with sessionmaker(engine)."
-        )
-    return engine
 
 
 def _emit_sqlite_begin(connection: Connection) -> t.Callable[[], None]:

@@ -14,6 +14,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session
 
+from .observe import STATS_KEY
+
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
     from _typeshed.wsgi import WSGIEnvironment
@@ -160,15 +162,22 @@ class _HeldResponse:
 
 def _finish_handler(
     registry: scoped_session[t.Any],
-    commit_veto: CommitVeto,
+    commit_veto: CommitVeto | None,
     environ: WSGIEnvironment,
     response: _HeldResponse,
 ) -> None:
-    """Commit or roll back the handler's work, then release the status."""
+    """Commit or roll back the handler's work, then release the status; with
+    no veto (commit=False) only release it."""
     status, headers = response.status, response.headers
     if status is None:
         # The application never called start_response: the server will fail
         # the request, and there is no status to release.
+        return
+    stats = environ.get(STATS_KEY)
+    if stats is not None and stats._observer.server_timing:
+        response.headers = [*headers, ("Server-Timing", stats.server_timing())]
+    if commit_veto is None:
+        response.release()
         return
     commit = environ.get(COMMIT_KEY, True) is not False and not commit_veto(
         environ, status, headers

@@ -1,0 +1,537 @@
+"""Observability: per-request statistics, Server-Timing, warnings about
+costly or lossy requests, SQL comment tags, and the health check."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import typing as t
+
+import pytest
+from conftest import BODY_KINDS
+from conftest import Observed
+from conftest import StartResponseRecorder
+from conftest import make_app
+from conftest import server_url
+from sqlalchemy import Engine
+from sqlalchemy import create_engine
+from sqlalchemy import event
+from sqlalchemy import text
+from sqlalchemy.orm import scoped_session
+from sqlalchemy.orm import sessionmaker
+
+from wsgi_scoped import Database
+from wsgi_scoped import HealthCheck
+from wsgi_scoped import RequestStats
+from wsgi_scoped import ScopedSessionMiddleware
+from wsgi_scoped.observe import _before
+
+if t.TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse
+    from _typeshed.wsgi import WSGIApplication
+    from _typeshed.wsgi import WSGIEnvironment
+
+
+def serve(app: WSGIApplication, environ: WSGIEnvironment, start: t.Any) -> bytes:
+    body = app(environ, start)
+    try:
+        return b"".join(body)
+    finally:
+        getattr(body, "close", lambda: None)()
+
+
+def test_no_listener_without_statistics(
+    engine: Engine, environ: WSGIEnvironment, start_response: StartResponseRecorder
+) -> None:
+    """Statistics off costs nothing: no event listener, no environ key."""
+    registry = scoped_session(sessionmaker(engine))
+    app = make_app(registry, "list", Observed())
+    serve(ScopedSessionMiddleware(app, registry, commit=True), environ, start_response)
+    assert not event.contains(engine, "before_cursor_execute", _before)
+    assert "wsgi_scoped.stats" not in environ
+
+
+@pytest.mark.parametrize("body_kind", ["list", "generator"])
+def test_statistics_count_the_requests_work(
+    backend_url: str,
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+    body_kind: str,
+) -> None:
+    """Readable by the app while it runs and by outer code afterwards; a
+    streamed body's statements count too."""
+    engine = create_engine(backend_url)
+    registry = scoped_session(sessionmaker(engine))
+    during: list[int] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        registry().execute(text("SELECT 1"))
+        registry().execute(text("SELECT 2"))
+        during.append(environ["wsgi_scoped.stats"].statements)
+        start_response("200 OK", [])
+        if body_kind == "list":
+            return [b"x"]
+
+        def body() -> t.Iterator[bytes]:
+            registry().execute(text("SELECT 3"))
+            yield b"x"
+
+        return body()
+
+    try:
+        wrapped = ScopedSessionMiddleware(app, registry, stats=True)
+        serve(wrapped, environ, start_response)
+        stats = environ["wsgi_scoped.stats"]
+        assert isinstance(stats, RequestStats)
+        assert during == [2]
+        assert stats.statements == (2 if body_kind == "list" else 3)
+        assert stats.db_time > 0
+        assert stats.connection_held >= stats.db_time
+        assert stats.checkout_wait > 0
+        assert "statements=" in repr(stats)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("body_kind", BODY_KINDS)
+@pytest.mark.parametrize("commit", [False, True], ids=["commit=False", "commit=True"])
+def test_server_timing_header_for_every_body_kind(
+    registry: scoped_session[t.Any],
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+    body_kind: str,
+    commit: bool,
+) -> None:
+    app = make_app(registry, body_kind, Observed())
+    wrapped = ScopedSessionMiddleware(app, registry, commit=commit, server_timing=True)
+    serve(wrapped, environ, start_response)
+    [(status, headers, _)] = start_response.calls
+    assert status == "200 OK"
+    [timing] = [value for name, value in headers if name == "Server-Timing"]
+    assert timing.startswith("db;dur=")
+    assert 'desc="1 queries"' in timing  # the handler's INSERT, before the body
+    assert "INSERT" not in timing and "item" not in timing
+    assert ", db-wait;dur=" in timing
+
+
+def test_server_timing_for_generator_app_starting_late(
+    registry: scoped_session[t.Any],
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+) -> None:
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        registry().execute(text("SELECT 1"))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        yield b"late"
+
+    wrapped = ScopedSessionMiddleware(app, registry, server_timing=True)
+    assert serve(wrapped, environ, start_response) == b"late"
+    names = [name for name, _ in start_response.calls[0][1]]
+    assert names == ["Content-Type", "Server-Timing"]
+
+
+def test_statement_and_time_warnings_name_the_request(
+    registry: scoped_session[t.Any],
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        for number in range(3):
+            registry().execute(text("SELECT :secret"), {"secret": f"s3cr3t{number}"})
+        start_response("200 OK", [])
+        return [b""]
+
+    environ["PATH_INFO"] = "/orders"
+    wrapped = ScopedSessionMiddleware(
+        app, registry, warn_statements=2, warn_db_time=0.0
+    )
+    serve(wrapped, environ, start_response)
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages[0] == (
+        "GET /orders ran 3 SQL statements (the limit is 2): an N+1 query?"
+    )
+    assert messages[1].startswith("GET /orders spent ")
+    assert all("s3cr3t" not in message for message in messages)
+
+    caplog.clear()
+    quiet = ScopedSessionMiddleware(app, registry, warn_statements=3)
+    serve(quiet, dict(environ), start_response)
+    assert caplog.records == []
+
+
+@pytest.mark.parametrize(
+    ("work", "warned"),
+    [
+        pytest.param("orm pending", True, id="ORM object never flushed"),
+        pytest.param("flushed", True, id="statement run, never committed"),
+        pytest.param("committed", False, id="committed by the handler"),
+        pytest.param("read only", False, id="read only"),
+    ],
+)
+def test_uncommitted_work_rolled_back_is_warned(
+    registry: scoped_session[t.Any],
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+    caplog: pytest.LogCaptureFixture,
+    work: str,
+    warned: bool,
+) -> None:
+    from test_transaction import Base
+    from test_transaction import Item
+
+    Base.metadata.create_all(registry.session_factory.kw["bind"])
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        session = registry()
+        if work == "orm pending":
+            session.add(Item(name="lost"))
+        elif work == "read only":
+            session.execute(text("SELECT 1"))
+        else:
+            session.execute(text("INSERT INTO item (name) VALUES ('x')"))
+            if work == "committed":
+                session.commit()
+        start_response("201 Created", [])
+        return [b""]
+
+    environ.update(REQUEST_METHOD="POST", PATH_INFO="/items")
+    serve(ScopedSessionMiddleware(app, registry, stats=True), environ, start_response)
+    expected = [
+        "Uncommitted changes rolled back at the end of POST /items: commit them"
+        " in the handler, or use commit=True"
+    ]
+    assert [r.getMessage() for r in caplog.records] == (expected if warned else [])
+
+
+def test_no_lost_work_warning_under_commit(
+    registry: scoped_session[t.Any],
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A vetoed request rolls back on purpose."""
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        registry().execute(text("INSERT INTO item (name) VALUES ('x')"))
+        start_response("409 Conflict", [])
+        return [b""]
+
+    wrapped = ScopedSessionMiddleware(app, registry, commit=True, stats=True)
+    serve(wrapped, environ, start_response)
+    assert caplog.records == []
+
+
+def test_statistics_of_each_layer_with_its_own_registry(
+    engine: Engine, environ: WSGIEnvironment, start_response: StartResponseRecorder
+) -> None:
+    first = scoped_session(sessionmaker(engine))
+    second = scoped_session(sessionmaker(engine))
+    seen: list[RequestStats] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        seen.append(environ["wsgi_scoped.stats"])
+        first().execute(text("SELECT 1"))
+        second().execute(text("SELECT 1"))
+        start_response("200 OK", [])
+        return iter([b""])
+
+    inner = ScopedSessionMiddleware(app, second, stats=True)
+    serve(ScopedSessionMiddleware(inner, first, stats=True), environ, start_response)
+    # The inner layer's statistics replaced the outer's in environ; each
+    # layer finished its own.
+    assert seen[0].statements == 2
+    assert not first.registry.has() and not second.registry.has()
+
+
+@pytest.mark.parametrize(
+    ("trace", "extra", "tag"),
+    [
+        pytest.param(True, {}, "/* GET /trace/me */", id="method and path"),
+        pytest.param(
+            "X-Request-Id",
+            {"HTTP_X_REQUEST_ID": "req-42"},
+            "/* req-42 */",
+            id="request id header",
+        ),
+        pytest.param(
+            "X-Request-Id", {}, "/* GET /trace/me */", id="header missing: the path"
+        ),
+    ],
+)
+def test_trace_tag_visible_in_pg_stat_activity(
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+    trace: bool | str,
+    extra: dict[str, str],
+    tag: str,
+) -> None:
+    db = Database(server_url("postgresql"))
+    observer = create_engine(server_url("postgresql"))
+    seen: list[str] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        pid = db().execute(text("SELECT pg_backend_pid()")).scalar_one()
+        with observer.connect() as connection:
+            query = connection.execute(
+                text("SELECT query FROM pg_stat_activity WHERE pid = :pid"),
+                {"pid": pid},
+            ).scalar_one()
+        seen.append(query)
+        start_response("200 OK", [])
+        return [b""]
+
+    environ.update(PATH_INFO="/trace/me", **extra)
+    try:
+        serve(db.middleware(app, trace=trace), environ, start_response)
+    finally:
+        db.engine.dispose()
+        observer.dispose()
+    assert seen == [f"SELECT pg_backend_pid() {tag}"]
+
+
+def test_trace_tag_cannot_close_the_comment(
+    engine: Engine, environ: WSGIEnvironment, start_response: StartResponseRecorder
+) -> None:
+    registry = scoped_session(sessionmaker(engine))
+    statements: list[str] = []
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def record(conn: t.Any, cursor: t.Any, statement: str, *args: t.Any) -> None:
+        statements.append(statement)
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        registry().execute(text("SELECT 1"))
+        start_response("200 OK", [])
+        return [b""]
+
+    environ["PATH_INFO"] = "/x*/; DROP TABLE item; --\n"
+    serve(ScopedSessionMiddleware(app, registry, trace=True), environ, start_response)
+    assert statements == ["SELECT 1 /* GET /x/; DROP TABLE item; -- */"]
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        pytest.param(
+            {"stats": 1}, TypeError, "'stats' must be True or False", id="stats"
+        ),
+        pytest.param(
+            {"server_timing": "yes"},
+            TypeError,
+            "'server_timing' must be True or False",
+            id="server_timing",
+        ),
+        pytest.param(
+            {"warn_statements": -1},
+            ValueError,
+            "'warn_statements' must be an int >= 0 or None, got -1.",
+            id="warn_statements",
+        ),
+        pytest.param(
+            {"warn_db_time": "1s"},
+            ValueError,
+            "'warn_db_time' must be a number of seconds >= 0 or None, got '1s'.",
+            id="warn_db_time",
+        ),
+        pytest.param(
+            {"trace": ""},
+            TypeError,
+            "'trace' must be True, False or the name of a request id header",
+            id="trace",
+        ),
+    ],
+)
+def test_wrong_observability_options_fail_at_construction(
+    engine: Engine, options: dict[str, t.Any], error: type[Exception], message: str
+) -> None:
+    registry = scoped_session(sessionmaker(engine))
+    with pytest.raises(error, match=message):
+        ScopedSessionMiddleware(lambda e, s: [], registry, **options)
+
+
+def test_statistics_need_an_engine() -> None:
+    with pytest.raises(TypeError, match="Statistics need a wsgi_scoped.Database"):
+        ScopedSessionMiddleware(
+            lambda e, s: [], scoped_session(sessionmaker()), stats=True
+        )
+
+
+def probe(check: HealthCheck, method: str = "GET") -> tuple[str, dict[str, t.Any]]:
+    start_response = StartResponseRecorder()
+    body = b"".join(check({"REQUEST_METHOD": method}, start_response))
+    return start_response.status, json.loads(body) if body else {}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_health_check_reports_database_and_pool(backend: str, tmp_path: t.Any) -> None:
+    url = (
+        f"sqlite:///{tmp_path / 'h.db'}" if backend == "sqlite" else server_url(backend)
+    )
+    db = Database(url)
+    try:
+        status, report = probe(HealthCheck(db))
+        assert status == "200 OK"
+        assert report["status"] == "ok"
+        assert report["database"]["ok"] is True
+        assert report["database"]["error"] is None
+        assert report["pool"]["class"] == "QueuePool"
+        assert report["pool"]["checked_out"] == 0
+        assert report["pool"]["size"] == 5
+    finally:
+        db.engine.dispose()
+
+
+def test_health_check_unreachable_database_is_503(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine = create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    status, report = probe(HealthCheck(engine, timeout=10))
+    assert status == "503 Service Unavailable"
+    assert report["status"] == "unavailable"
+    assert report["database"]["error"] == "OperationalError"
+    assert "127.0.0.1" not in json.dumps(report)  # details go to the log only
+    assert "health check failed" in caplog.records[0].getMessage()
+
+
+def test_health_check_is_time_boxed_when_the_pool_is_exhausted(
+    tmp_path: t.Any,
+) -> None:
+    """A pool with no free connection stands for a hung database: the probe
+    answers 503 within its timeout, says so again while the first check is
+    stuck, and recovers when a connection is free."""
+    db = Database(
+        f"sqlite:///{tmp_path / 'h.db'}", pool_size=1, max_overflow=0, pool_timeout=2
+    )
+    check = HealthCheck(db, timeout=0.1)
+    held = db.engine.connect()
+    try:
+        status, report = probe(check)
+        assert (status, report["database"]["error"]) == (
+            "503 Service Unavailable",
+            "Timeout",
+        )
+        assert report["pool"]["checked_out"] == 1
+        assert probe(check)[1]["database"]["error"] == "PreviousCheckStillRunning"
+    finally:
+        held.close()
+    stuck = check._running
+    assert stuck is not None
+    stuck.result(timeout=5)  # the stuck check gets the freed connection
+    assert probe(check)[0] == "200 OK"
+    db.engine.dispose()
+
+
+def test_health_check_methods_and_arguments(tmp_path: t.Any) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'h.db'}")
+    check = HealthCheck(db)
+    assert probe(check, "HEAD") == ("200 OK", {})
+    assert probe(check, "POST")[0] == "405 Method Not Allowed"
+    with pytest.raises(ValueError, match="'timeout' must be a number of seconds > 0"):
+        HealthCheck(db, timeout=0)
+    with pytest.raises(TypeError, match="Health checks need a wsgi_scoped.Database"):
+        HealthCheck(object())  # type: ignore[arg-type]
+    db.engine.dispose()
+
+
+def test_statistics_follow_retried_attempts(
+    tmp_path: t.Any, environ: WSGIEnvironment
+) -> None:
+    """Each attempt gets fresh statistics: environ shows the final one."""
+    from test_transaction import LockedOnce
+    from test_transaction import retrying_app
+
+    path = str(tmp_path / "locked.db")
+    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 0.01})
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE item (name VARCHAR(50))"))
+    lock = LockedOnce(path)
+    registry = scoped_session(sessionmaker(engine))
+    wrapped = ScopedSessionMiddleware(
+        retrying_app(registry, lock),
+        registry,
+        commit=True,
+        retries=1,
+        retry_backoff=0,
+        stats=True,
+    )
+    try:
+        serve(wrapped, environ, StartResponseRecorder())
+        assert lock.attempts == [1, 2, -2]
+        assert environ["wsgi_scoped.stats"].statements == 1
+    finally:
+        lock.release()
+        lock.holder.close()
+        engine.dispose()
+
+
+def test_checkout_wait_measures_a_busy_pool(tmp_path: t.Any) -> None:
+    db = Database(
+        f"sqlite:///{tmp_path / 'w.db'}", pool_size=1, max_overflow=0, pool_timeout=5
+    )
+    held = db.engine.connect()
+    release = threading.Timer(0.2, held.close)
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        release.start()
+        db().execute(text("SELECT 1"))
+        start_response("200 OK", [])
+        return [b""]
+
+    environ: dict[str, t.Any] = {"REQUEST_METHOD": "GET", "PATH_INFO": "/"}
+    serve(db.middleware(app, stats=True), environ, StartResponseRecorder())
+    assert environ["wsgi_scoped.stats"].checkout_wait >= 0.15
+    db.engine.dispose()
+
+
+def test_logger_is_wsgi_scoped() -> None:
+    from wsgi_scoped import observe
+
+    assert observe.logger is logging.getLogger("wsgi_scoped.middleware")
+
+
+def test_work_outside_requests_is_not_counted(
+    engine: Engine, environ: WSGIEnvironment, start_response: StartResponseRecorder
+) -> None:
+    """The listeners stay on the engine; work done outside a request (start-up
+    code, a background thread) is counted in no request."""
+    registry = scoped_session(sessionmaker(engine))
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        registry().execute(text("SELECT 1"))
+        start_response("200 OK", [])
+        return [b""]
+
+    wrapped = ScopedSessionMiddleware(app, registry, stats=True)
+    outside = sessionmaker(engine)()
+    outside.execute(text("INSERT INTO item (name) VALUES ('outside')"))
+    outside.commit()
+    outside.close()
+    serve(wrapped, environ, start_response)
+    assert environ["wsgi_scoped.stats"].statements == 1
+
+
+def test_savepoints_and_sessions_begun_earlier_add_no_wait(
+    engine: Engine, environ: WSGIEnvironment, start_response: StartResponseRecorder
+) -> None:
+    """Only a root transaction asking the pool counts as checkout wait: not a
+    savepoint, nor a test's session whose transaction began before the
+    request."""
+    registry = scoped_session(sessionmaker(engine))
+    session = registry()
+    session.begin()  # began outside the request, no connection yet
+    environ["wsgi_scoped.session"] = session
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        registry().execute(text("SELECT 1"))
+        with registry().begin_nested():
+            registry().execute(text("SELECT 2"))
+        start_response("200 OK", [])
+        return [b""]
+
+    serve(ScopedSessionMiddleware(app, registry, stats=True), environ, start_response)
+    stats = environ["wsgi_scoped.stats"]
+    assert stats.statements == 4  # SELECT 1, SAVEPOINT, SELECT 2, RELEASE
+    assert stats.checkout_wait == 0.0
+    registry.remove()

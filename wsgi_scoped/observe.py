@@ -1,0 +1,258 @@
+"""Per-request database statistics, Server-Timing, warnings about costly or
+lossy requests, and request tags in SQL comments. Nothing here is installed
+unless a middleware asks for it: with statistics off there is no listener.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import typing as t
+import weakref
+
+from sqlalchemy import Engine
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+from sqlalchemy.orm import scoped_session
+
+from ._arguments import _engine_of
+from .scope import get_ident
+
+if t.TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIEnvironment
+
+logger = logging.getLogger("wsgi_scoped.middleware")
+
+#: Environ key of the request's :class:`RequestStats`.
+STATS_KEY = "wsgi_scoped.stats"
+
+#: The statistics of the requests running now, by greenlet or thread.
+_current: dict[t.Hashable, RequestStats] = {}
+#: Engines whose listeners are installed, with whether they add SQL comments.
+_observed: weakref.WeakKeyDictionary[Engine, list[bool]] = weakref.WeakKeyDictionary()
+_observed_factories: weakref.WeakSet[t.Any] = weakref.WeakSet()
+
+_WRITES = ("INSERT", "UPDATE", "DELETE", "insert", "update", "delete")
+_UNSAFE = re.compile(r"[^\w\-./:;=?&%@~+, ]")
+
+
+class RequestStats:
+    """What one request did with the database, in
+    ``environ["wsgi_scoped.stats"]`` while and after it runs (``stats=True``).
+
+    Times are in seconds; ``db_time`` is the time spent executing statements,
+    ``checkout_wait`` the time spent getting a connection from the pool, and
+    ``connection_held`` the time a connection was checked out by the request.
+
+    .. versionadded:: 0.1
+    """
+
+    __slots__ = (
+        "statements",
+        "db_time",
+        "checkout_wait",
+        "connection_held",
+        "tag",
+        "_pending_writes",
+        "_checked_out_at",
+        "_executing_since",
+        "_asked_at",
+        "_observer",
+        "_registry",
+    )
+
+    def __init__(
+        self,
+        tag: str = "",
+        observer: _Observer | None = None,
+        registry: scoped_session[t.Any] | None = None,
+    ) -> None:
+        #: Statements executed.
+        self.statements = 0
+        #: Seconds spent executing statements.
+        self.db_time = 0.0
+        #: Seconds spent waiting for a pooled connection.
+        self.checkout_wait = 0.0
+        #: Seconds a connection was checked out for the request.
+        self.connection_held = 0.0
+        #: The SQL comment tag, if tracing is on.
+        self.tag = tag
+        self._pending_writes = 0
+        self._checked_out_at = 0.0
+        self._executing_since = 0.0
+        self._asked_at = 0.0
+        self._observer = observer
+        self._registry = registry
+
+    def server_timing(self) -> str:
+        """The ``Server-Timing`` value: time in the database and the number
+        of statements, never SQL."""
+        return (
+            f'db;dur={self.db_time * 1000:.1f};desc="{self.statements} queries",'
+            f" db-wait;dur={self.checkout_wait * 1000:.1f}"
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<RequestStats statements={self.statements}"
+            f" db_time={self.db_time:.4f} checkout_wait={self.checkout_wait:.4f}"
+            f" connection_held={self.connection_held:.4f}>"
+        )
+
+
+class _Observer:
+    """Per-middleware settings; the listeners live on the engine, once."""
+
+    def __init__(
+        self,
+        registry: scoped_session[t.Any],
+        *,
+        commit: bool,
+        server_timing: bool,
+        warn_statements: int | None,
+        warn_db_time: float | None,
+        trace: bool | str,
+    ) -> None:
+        engine = _engine_of(registry, "Statistics")
+        self.registry = registry
+        self.commit = commit
+        self.server_timing = server_timing
+        self.warn_statements = warn_statements
+        self.warn_db_time = warn_db_time
+        self.trace = trace
+        _install(engine, bool(trace))
+        if registry.session_factory not in _observed_factories:
+            _observed_factories.add(registry.session_factory)
+            event.listen(registry.session_factory, "after_transaction_create", _asking)
+            event.listen(registry.session_factory, "after_begin", _connected)
+
+    def start(self, environ: WSGIEnvironment) -> RequestStats:
+        tag = _tag(environ, self.trace) if self.trace else ""
+        stats = RequestStats(tag, self, self.registry)
+        environ[STATS_KEY] = stats
+        _current[get_ident()] = stats
+        return stats
+
+    def before_end(
+        self, stats: RequestStats, session: Session, environ: WSGIEnvironment
+    ) -> None:
+        """Warn about work that closing the session is about to roll back."""
+        if self.commit:
+            return  # rolled back on purpose: the request failed or was vetoed
+        if session.new or session.dirty or session.deleted or stats._pending_writes:
+            logger.warning(
+                "Uncommitted changes rolled back at the end of %s %s: commit them"
+                " in the handler, or use commit=True",
+                environ.get("REQUEST_METHOD"),
+                environ.get("PATH_INFO"),
+            )
+
+    def finish(self, stats: RequestStats, environ: WSGIEnvironment) -> None:
+        _current.pop(get_ident(), None)
+        method, path = environ.get("REQUEST_METHOD"), environ.get("PATH_INFO")
+        if self.warn_statements is not None and stats.statements > self.warn_statements:
+            logger.warning(
+                "%s %s ran %d SQL statements (the limit is %d): an N+1 query?",
+                method,
+                path,
+                stats.statements,
+                self.warn_statements,
+            )
+        if self.warn_db_time is not None and stats.db_time > self.warn_db_time:
+            logger.warning(
+                "%s %s spent %.3f s in the database (the limit is %.3f s)",
+                method,
+                path,
+                stats.db_time,
+                self.warn_db_time,
+            )
+
+
+def _tag(environ: WSGIEnvironment, trace: bool | str) -> str:
+    """The request's tag for SQL comments: a request id header, or the
+    method and path, stripped of anything that could end a comment."""
+    value = ""
+    if isinstance(trace, str):
+        value = environ.get("HTTP_" + trace.upper().replace("-", "_"), "")
+    if not value:
+        value = f"{environ.get('REQUEST_METHOD', '')} {environ.get('PATH_INFO', '')}"
+    return _UNSAFE.sub("", value)[:200]
+
+
+def _install(engine: Engine, comments: bool) -> None:
+    """Listen to ``engine`` and its pool, once per engine."""
+    flags = _observed.get(engine)
+    if flags is None:
+        _observed[engine] = flags = [comments]
+        event.listen(engine, "before_cursor_execute", _before, retval=True)
+        event.listen(engine, "after_cursor_execute", _after)
+        event.listen(engine, "handle_error", _error)
+        event.listen(engine, "commit", _transaction_ended)
+        event.listen(engine, "rollback", _transaction_ended)
+        event.listen(engine.pool, "checkout", _checkout)
+        event.listen(engine.pool, "checkin", _checkin)
+    flags[0] = flags[0] or comments
+
+
+def _before(
+    conn: t.Any,
+    cursor: t.Any,
+    statement: str,
+    parameters: t.Any,
+    context: t.Any,
+    executemany: bool,
+) -> tuple[str, t.Any]:
+    stats = _current.get(get_ident())
+    if stats is not None:
+        stats.statements += 1
+        if statement.startswith(_WRITES):
+            stats._pending_writes += 1
+        stats._executing_since = time.perf_counter()
+        if stats.tag and _observed[conn.engine][0]:
+            statement = f"{statement} /* {stats.tag} */"
+    return statement, parameters
+
+
+def _after(conn: t.Any, *args: t.Any) -> None:
+    stats = _current.get(get_ident())
+    if stats is not None and stats._executing_since:
+        stats.db_time += time.perf_counter() - stats._executing_since
+        stats._executing_since = 0.0
+
+
+def _error(context: t.Any) -> None:
+    _after(None)
+
+
+def _transaction_ended(conn: t.Any) -> None:
+    stats = _current.get(get_ident())
+    if stats is not None:
+        stats._pending_writes = 0
+
+
+def _asking(session: Session, transaction: t.Any) -> None:
+    """A session's transaction starts before it asks the pool."""
+    stats = _current.get(get_ident())
+    if stats is not None and transaction.parent is None:
+        stats._asked_at = time.perf_counter()
+
+
+def _connected(session: Session, transaction: t.Any, connection: t.Any) -> None:
+    stats = _current.get(get_ident())
+    if stats is not None and stats._asked_at:
+        stats.checkout_wait += time.perf_counter() - stats._asked_at
+        stats._asked_at = 0.0
+
+
+def _checkout(dbapi_connection: t.Any, record: t.Any, proxy: t.Any) -> None:
+    stats = _current.get(get_ident())
+    if stats is not None:
+        stats._checked_out_at = time.perf_counter()
+
+
+def _checkin(dbapi_connection: t.Any, record: t.Any) -> None:
+    stats = _current.get(get_ident())
+    if stats is not None and stats._checked_out_at:
+        stats.connection_held += time.perf_counter() - stats._checked_out_at
+        stats._checked_out_at = 0.0
