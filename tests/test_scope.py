@@ -228,3 +228,22 @@ def test_gevent_monkey_patched_server_gets_distinct_sessions(tmp_path: t.Any) ->
     assert all(len(ids) == 1 for ids in sessions.values())
     assert report["registered"] == 0
     assert report["checkedout"] == 0
+
+
+@pytest.mark.parametrize(
+    "scopefunc", [None, get_ident], ids=["threading.local", "get_ident"]
+)
+def test_fast_registry_check_agrees_with_has(
+    engine: Engine, scopefunc: t.Callable[[], t.Any] | None
+) -> None:
+    """The middleware reads ThreadLocalRegistry's storage directly (a
+    SQLAlchemy internal): this pins it to what has() says."""
+    from wsgi_scoped.scope import _has_session
+
+    registry = scoped_session(sessionmaker(engine), scopefunc=scopefunc)
+    answers = [(_has_session(registry.registry), registry.registry.has())]
+    registry()
+    answers.append((_has_session(registry.registry), registry.registry.has()))
+    registry.remove()
+    answers.append((_has_session(registry.registry), registry.registry.has()))
+    assert answers == [(False, False), (True, True), (False, False)]

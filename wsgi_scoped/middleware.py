@@ -20,6 +20,7 @@ from ._arguments import _check_options
 from .exceptions import WsgiScopedWarning
 from .observe import STATS_KEY
 from .observe import _Observer
+from .scope import _has_session
 from .transaction import CommitVeto
 from .transaction import _commit_body
 from .transaction import _finish_handler
@@ -170,7 +171,7 @@ class ScopedSessionMiddleware:
             # An outer layer owns this request's session and will end it.
             return self.app(environ, start_response)
         injected = environ.get(_SESSION)
-        if registry.registry.has() and registry.registry() is not injected:
+        if _has_session(registry.registry) and registry.registry() is not injected:
             _end_quietly(registry, environ, outer)
             warnings.warn(_STALE, WsgiScopedWarning, stacklevel=2)
         if injected is not None:
@@ -372,7 +373,7 @@ def _end(
         stats = None  # another layer's
     sessions = registry.registry
     try:
-        if sessions.has():
+        if _has_session(sessions):
             session: Session = sessions()
             if session is environ.get(_SESSION):
                 # The test owns it: undo only what the request left uncommitted.

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session
 
 from .observe import STATS_KEY
+from .scope import _has_session
 
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
@@ -183,7 +184,7 @@ def _finish_handler(
         environ, status, headers
     )
     sessions = registry.registry
-    if sessions.has():
+    if _has_session(sessions):
         session = sessions()
         if commit:
             _commit(session)
@@ -198,7 +199,7 @@ def _finish_handler(
 def _commit_body(registry: scoped_session[t.Any], environ: WSGIEnvironment) -> None:
     """Commit what a streamed body did, after its status went out."""
     sessions = registry.registry
-    if not sessions.has():
+    if not _has_session(sessions):
         return
     session = sessions()
     try:
