@@ -247,3 +247,93 @@ def test_fast_registry_check_agrees_with_has(
     registry.remove()
     answers.append((_has_session(registry.registry), registry.registry.has()))
     assert answers == [(False, False), (True, True), (False, False)]
+
+
+def test_greenlets_sharing_a_thread_local_registry_are_warned(engine: Engine) -> None:
+    """Unpatched gevent with a plain scoped_session: every greenlet of the
+    thread would get the same session."""
+    gevent = pytest.importorskip("gevent")
+    from wsgi_scoped import WsgiScopedWarning
+
+    registry = scoped_session(sessionmaker(engine))
+    app = ScopedSessionMiddleware(switching_app(registry, [], lambda: None), registry)
+    with pytest.warns(WsgiScopedWarning, match="would share one session"):
+        job = gevent.spawn(serve, app, "/shared", "list")
+        job.join(timeout=10)
+    assert job.value == b"done"
+    # Checked once per middleware: the next request is quiet.
+    job = gevent.spawn(serve, app, "/again", "list")
+    job.join(timeout=10)
+    assert job.successful()
+
+
+GEVENT_DIAGNOSTICS = """
+import json
+import warnings
+
+from sqlalchemy import create_engine
+from sqlalchemy.orm import scoped_session, sessionmaker
+
+engine = create_engine("sqlite://")
+before_patching = scoped_session(sessionmaker(engine))  # gunicorn --preload
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import gevent
+
+import psycopg2.extensions  # noqa: F401
+from wsgi_scoped import ScopedSessionMiddleware, get_ident
+
+if {psycogreen!r}:
+    import psycogreen.gevent
+
+    psycogreen.gevent.patch_psycopg()
+
+registries = {{
+    "made before patching": before_patching,
+    "made after patching": scoped_session(sessionmaker(engine)),
+    "keyed by get_ident": scoped_session(sessionmaker(engine), scopefunc=get_ident),
+}}
+
+
+def app(environ, start_response):
+    start_response("200 OK", [])
+    return [b"ok"]
+
+
+report = {{}}
+for name, registry in registries.items():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrapped = ScopedSessionMiddleware(app, registry)
+        gevent.spawn(wrapped, {{}}, lambda *a: None).join(timeout=10)
+    report[name] = [str(w.message)[:40] for w in caught]
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.parametrize(
+    "psycogreen", [False, True], ids=["no wait callback", "psycogreen"]
+)
+def test_gevent_diagnostics_after_monkey_patching(psycogreen: bool) -> None:
+    """In a fresh interpreter: a registry made before patch_all() is warned
+    about, the others are not; psycopg2 without a wait callback is warned
+    about until psycogreen installs one."""
+    pytest.importorskip("gevent")
+    pytest.importorskip("psycopg2")
+    script = GEVENT_DIAGNOSTICS.format(psycogreen=psycogreen)
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    report = json.loads(result.stdout)
+    shared = "This request runs in a greenlet, but the"
+    blocking = [] if psycogreen else ["psycopg2 is used under gevent without a "]
+    assert report["made before patching"] == [shared, *blocking]
+    assert report["made after patching"] == blocking
+    assert report["keyed by get_ident"] == blocking

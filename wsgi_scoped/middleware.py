@@ -20,6 +20,7 @@ from ._arguments import _check_options
 from .exceptions import WsgiScopedWarning
 from .observe import STATS_KEY
 from .observe import _Observer
+from .scope import _check_concurrency
 from .scope import _has_session
 from .transaction import CommitVeto
 from .transaction import _commit_body
@@ -161,11 +162,15 @@ class ScopedSessionMiddleware:
             )
         # Server-Timing must be in the headers before they go out.
         self._hold = commit or server_timing
+        self._concurrency_checked = False
 
     def __call__(
         self, environ: WSGIEnvironment, start_response: StartResponse
     ) -> t.Iterable[bytes]:
         registry = self.registry
+        if not self._concurrency_checked:
+            self._concurrency_checked = True  # once is enough, and racing is harmless
+            _check_concurrency(registry.registry)
         outer = environ.get(_ACTIVE, ())
         if registry in outer:
             # An outer layer owns this request's session and will end it.
