@@ -3,6 +3,8 @@ from __future__ import annotations
 import os
 import typing as t
 import wsgiref.util
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 from sqlalchemy import Engine
@@ -11,6 +13,8 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session
 from sqlalchemy.orm import sessionmaker
+from support import import_example
+from support import unload_example
 
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
@@ -115,6 +119,15 @@ def start_response() -> StartResponseRecorder:
     return StartResponseRecorder()
 
 
+def serve(app: WSGIApplication, environ: WSGIEnvironment, start: t.Any) -> bytes:
+    """Act as the server: iterate the body and close it."""
+    body = app(environ, start)
+    try:
+        return b"".join(body)
+    finally:
+        getattr(body, "close", lambda: None)()
+
+
 class ClosingIterable:
     """A lazy body whose iterator is not itself, with a close() to forward."""
 
@@ -187,3 +200,33 @@ def make_app(
         return ClosingIterable(produce)
 
     return app
+
+
+@pytest.fixture
+def database_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point ``DATABASE_URL`` at a file in ``tmp_path``, and run in another
+    directory of ``tmp_path`` so the default URL could not touch the repo.
+    """
+    path = tmp_path / "env.sqlite3"
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{path}")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    return path
+
+
+@pytest.fixture
+def load_example() -> t.Iterator[t.Callable[[str], ModuleType]]:
+    """Import ``examples/<name>.py`` afresh, under a unique module name, as
+    often as asked; every engine it created is disposed of at teardown.
+    """
+    modules: list[ModuleType] = []
+
+    def load(name: str) -> ModuleType:
+        module = import_example(name)
+        modules.append(module)
+        return module
+
+    yield load
+    for module in modules:
+        unload_example(module)

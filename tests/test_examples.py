@@ -2,96 +2,31 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 import typing as t
 import urllib.error
 import urllib.request
-import uuid
-import warnings
 import wsgiref.util
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-with warnings.catch_warnings():
-    # WebOb 1.8 imports the cgi module, deprecated since Python 3.11.
-    warnings.filterwarnings("ignore", "'cgi' is deprecated", DeprecationWarning)
-    import webtest
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-class CheckedTestApp(webtest.TestApp):
-    """A linting :class:`webtest.TestApp` that checks, after every request,
-    that the request's session was ended and its connection returned.
-    """
-
-    def __init__(self, module: ModuleType, *, lint: bool = True) -> None:
-        super().__init__(module.app, lint=lint)
-        self.db = module.db
-
-    def do_request(
-        self,
-        req: webtest.TestRequest,
-        status: int | str | None = None,
-        expect_errors: bool | None = None,
-    ) -> webtest.TestResponse:
-        res = super().do_request(req, status=status, expect_errors=expect_errors)
-        assert self.db.engine.pool.checkedout() == 0
-        assert not self.db.registry.has()
-        return res
+from support import EXAMPLES
+from support import CheckedTestApp
+from support import free_port
+from support import running
+from support import wait_until_ready
+from support import webtest
 
 
 @pytest.fixture
-def load_todo() -> t.Iterator[t.Callable[[], ModuleType]]:
-    """Import ``examples/todo.py`` afresh, under a unique module name, as
-    often as asked; every engine it created is disposed of at teardown.
-    """
-    modules: list[ModuleType] = []
-
-    def load() -> ModuleType:
-        name = f"_example_todo_{uuid.uuid4().hex}"
-        spec = importlib.util.spec_from_file_location(name, EXAMPLES / "todo.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        # Declarative mapping resolves annotations through sys.modules.
-        sys.modules[name] = module
-        modules.append(module)
-        spec.loader.exec_module(module)
-        return module
-
-    yield load
-    for module in modules:
-        sys.modules.pop(module.__name__, None)
-        if hasattr(module, "db"):
-            module.db.remove()
-            module.db.engine.dispose()
-
-
-@pytest.fixture
-def database_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Point ``DATABASE_URL`` at a file in ``tmp_path``, and run in another
-    directory of ``tmp_path`` so the default URL could not touch the repo.
-    """
-    path = tmp_path / "env.sqlite3"
-    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{path}")
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    return path
-
-
-@pytest.fixture
-def todo(load_todo: t.Callable[[], ModuleType], database_path: Path) -> ModuleType:
-    return load_todo()
+def todo(
+    load_example: t.Callable[[str], ModuleType], database_path: Path
+) -> ModuleType:
+    return load_example("todo")
 
 
 @pytest.fixture
@@ -113,13 +48,13 @@ def test_database_url_selects_the_database_file(
 
 
 def test_default_database_is_todos_sqlite3_in_current_directory(
-    load_todo: t.Callable[[], ModuleType],
+    load_example: t.Callable[[str], ModuleType],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.chdir(tmp_path)
-    module = load_todo()
+    module = load_example("todo")
     assert module.db.engine.url.database == "todos.sqlite3"
     assert (tmp_path / "todos.sqlite3").exists()
 
@@ -402,12 +337,6 @@ def test_wrong_method_is_405_with_allow(
     assert client.get("/todos").json == [{"id": 1, "title": "exists", "done": False}]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _request(
     url: str, method: str = "GET", payload: object = None
 ) -> tuple[int, dict[str, str], bytes]:
@@ -419,23 +348,6 @@ def _request(
         return res.status, dict(res.headers), res.read()
 
 
-def _wait_until_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"gunicorn exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            _request(url)
-        except urllib.error.HTTPError as exc:
-            exc.close()
-            pytest.fail(f"gunicorn answered {exc.code}:\n{log.read_text()}")
-        except OSError:  # not listening yet, or no worker booted yet
-            time.sleep(0.1)
-        else:
-            return
-    pytest.fail(f"gunicorn did not answer within 15 s:\n{log.read_text()}")
-
-
 @pytest.mark.server
 def test_todo_serves_under_gunicorn_with_two_workers(tmp_path: Path) -> None:
     """Two sync workers share one SQLite file (created by whichever imports
@@ -445,7 +357,7 @@ def test_todo_serves_under_gunicorn_with_two_workers(tmp_path: Path) -> None:
     pytest.importorskip("gunicorn", reason="gunicorn is not installed")
     from gunicorn.config import Config
 
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     database = tmp_path / "todos.sqlite3"
     env = {**os.environ, "DATABASE_URL": f"sqlite:///{database}"}
@@ -455,16 +367,9 @@ def test_todo_serves_under_gunicorn_with_two_workers(tmp_path: Path) -> None:
         # gunicorn >= 25 would otherwise open a socket in ~/.gunicorn.
         args.append("--no-control-socket")
     log = tmp_path / "gunicorn.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", *args, "todo:app"],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        _wait_until_ready(f"{base}/todos", proc, log)
+    command = [sys.executable, "-m", "gunicorn", *args, "todo:app"]
+    with running(command, cwd=tmp_path, env=env, log=log) as proc:
+        wait_until_ready(partial(_request, f"{base}/todos"), proc, log, "gunicorn")
         created: list[dict[str, t.Any]] = []
         for n in range(4):
             status, headers, body = _request(
@@ -490,13 +395,6 @@ def test_todo_serves_under_gunicorn_with_two_workers(tmp_path: Path) -> None:
         assert exc_info.value.code == 404
         exc_info.value.close()
         assert database.exists()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
     output = log.read_text()
     assert proc.returncode == 0, output
     assert output.count("Booting worker") == 2, output

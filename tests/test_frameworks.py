@@ -9,35 +9,27 @@ into a response, and the middleware saw that response's status.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 import typing as t
-import urllib.error
 import urllib.request
-import uuid
 import warnings
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 from sqlalchemy import event
 from sqlalchemy import text
+from support import EXAMPLES
+from support import CheckedTestApp
+from support import free_port
+from support import running
+from support import wait_until_ready
 
 from wsgi_scoped import ScopedSessionMiddleware
 from wsgi_scoped import WsgiScopedWarning
-
-with warnings.catch_warnings():
-    # WebOb 1.8 imports the cgi module, deprecated since Python 3.11.
-    warnings.filterwarnings("ignore", "'cgi' is deprecated", DeprecationWarning)
-    import webtest
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 #: The JSON notes examples, by test id: (example module, framework to import).
 NOTES_EXAMPLES = {
@@ -58,76 +50,6 @@ def importorskip(framework: str) -> None:
         # Pyramid imports WebOb, which imports the deprecated cgi module.
         warnings.filterwarnings("ignore", "'cgi' is deprecated", DeprecationWarning)
         pytest.importorskip(framework, reason=f"{framework} is not installed")
-
-
-class CheckedTestApp(webtest.TestApp):
-    """A linting :class:`webtest.TestApp` that checks, after every request,
-    that the request's session was ended and its connection returned, and
-    records the SQL statements each request executed.
-    """
-
-    def __init__(self, module: ModuleType) -> None:
-        super().__init__(module.app, lint=True)
-        self.db = module.db
-        self.statements: list[str] = []
-        event.listen(self.db.engine, "before_cursor_execute", self._record)
-
-    def _record(self, conn: t.Any, cursor: t.Any, statement: str, *args: t.Any) -> None:
-        self.statements.append(statement)
-
-    def do_request(
-        self,
-        req: webtest.TestRequest,
-        status: int | str | None = None,
-        expect_errors: bool | None = None,
-    ) -> webtest.TestResponse:
-        self.statements.clear()
-        res = super().do_request(req, status=status, expect_errors=expect_errors)
-        assert self.db.engine.pool.checkedout() == 0
-        assert not self.db.registry.has()
-        return res
-
-    def inserted(self, table: str) -> bool:
-        """Whether the last request executed an INSERT into ``table``."""
-        return any(s.startswith(f"INSERT INTO {table} ") for s in self.statements)
-
-
-@pytest.fixture
-def database_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Point ``DATABASE_URL`` at a file in ``tmp_path``, and run in another
-    directory of ``tmp_path`` so the default URL could not touch the repo.
-    """
-    path = tmp_path / "env.sqlite3"
-    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{path}")
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    return path
-
-
-@pytest.fixture
-def load_example() -> t.Iterator[t.Callable[[str], ModuleType]]:
-    """Import ``examples/<name>.py`` afresh, under a unique module name; every
-    engine it created is disposed of at teardown.
-    """
-    modules: list[ModuleType] = []
-
-    def load(name: str) -> ModuleType:
-        unique = f"_example_{name}_{uuid.uuid4().hex}"
-        spec = importlib.util.spec_from_file_location(unique, EXAMPLES / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[unique] = module  # declarative mapping looks modules up there
-        modules.append(module)
-        spec.loader.exec_module(module)
-        return module
-
-    yield load
-    for module in modules:
-        sys.modules.pop(module.__name__, None)
-        if hasattr(module, "db"):
-            module.db.remove()
-            module.db.engine.dispose()
 
 
 @pytest.fixture(params=list(NOTES_EXAMPLES.values()), ids=list(NOTES_EXAMPLES))
@@ -363,29 +285,9 @@ def test_dispatcher_404_rolls_back_the_hit(dispatcher: ModuleType, path: str) ->
     assert query(dispatcher, "SELECT count(*) FROM notes") == [(0,)]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _get_when_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> object:
-    """GET ``url`` as JSON once the server listens, for up to 15 seconds."""
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(
-                f"The example exited with {proc.returncode}:\n{log.read_text()}"
-            )
-        try:
-            with urllib.request.urlopen(url, timeout=5) as res:
-                return json.load(res)
-        except urllib.error.HTTPError as exc:
-            exc.close()
-            pytest.fail(f"The example answered {exc.code}:\n{log.read_text()}")
-        except OSError:  # not listening yet
-            time.sleep(0.1)
-    pytest.fail(f"The example did not answer within 15 s:\n{log.read_text()}")
+def get_json(url: str) -> object:
+    with urllib.request.urlopen(url, timeout=5) as res:
+        return json.load(res)
 
 
 @pytest.mark.server
@@ -396,27 +298,14 @@ def test_example_serves_on_localhost_when_run(
     """``python examples/<name>.py`` serves on 127.0.0.1:$PORT, with its
     default database in the current directory."""
     importorskip(framework)
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     env["PORT"] = str(port)
     log = tmp_path / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, str(EXAMPLES / f"{name}.py")],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        listed = _get_when_ready(f"http://127.0.0.1:{port}/notes", proc, log)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    command = [sys.executable, str(EXAMPLES / f"{name}.py")]
+    with running(command, cwd=tmp_path, env=env, log=log) as proc:
+        url = f"http://127.0.0.1:{port}/notes"
+        listed = wait_until_ready(partial(get_json, url), proc, log, "The example")
     assert listed == {"notes": []}
     default = tmp_path / f"{name.removesuffix('_app')}_notes.sqlite3"
     assert default.exists(), log.read_text()

@@ -16,6 +16,7 @@ from conftest import Observed
 from conftest import StartResponseRecorder
 from conftest import count_items
 from conftest import make_app
+from conftest import serve
 from sqlalchemy import Engine
 from sqlalchemy import create_engine
 from sqlalchemy import text
@@ -655,11 +656,9 @@ def test_injected_session_used_and_kept(
     environ["wsgi_scoped.session"] = session
     observed = Observed()
     inner = make_app(registry, body_kind, observed)
-    body = ScopedSessionMiddleware(inner, registry, commit=commit)(
-        environ, start_response
+    serve(
+        ScopedSessionMiddleware(inner, registry, commit=commit), environ, start_response
     )
-    b"".join(body)
-    getattr(body, "close", lambda: None)()
     assert all(s is session for s in observed.sessions)
     assert session.closed == 0
     assert registry() is session

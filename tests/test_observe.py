@@ -13,6 +13,7 @@ from conftest import BODY_KINDS
 from conftest import Observed
 from conftest import StartResponseRecorder
 from conftest import make_app
+from conftest import serve
 from conftest import server_url
 from sqlalchemy import Engine
 from sqlalchemy import create_engine
@@ -29,16 +30,7 @@ from wsgi_scoped.observe import _before
 
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
-    from _typeshed.wsgi import WSGIApplication
     from _typeshed.wsgi import WSGIEnvironment
-
-
-def serve(app: WSGIApplication, environ: WSGIEnvironment, start: t.Any) -> bytes:
-    body = app(environ, start)
-    try:
-        return b"".join(body)
-    finally:
-        getattr(body, "close", lambda: None)()
 
 
 def test_no_listener_without_statistics(
@@ -535,3 +527,37 @@ def test_savepoints_and_sessions_begun_earlier_add_no_wait(
     assert stats.statements == 4  # SELECT 1, SAVEPOINT, SELECT 2, RELEASE
     assert stats.checkout_wait == 0.0
     registry.remove()
+
+
+@pytest.mark.parametrize("body_kind", ["list", "generator"])
+def test_server_timing_and_warnings_on_postgresql(
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+    caplog: pytest.LogCaptureFixture,
+    body_kind: str,
+) -> None:
+    """The header and the warnings against a real server, under commit=True."""
+    db = Database(server_url("postgresql"))
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        for _ in range(3):
+            db().execute(text("SELECT pg_sleep(0.01)"))
+        start_response("200 OK", [])
+        return [b"ok"] if body_kind == "list" else iter([b"ok"])
+
+    environ["PATH_INFO"] = "/slow"
+    wrapped = db.middleware(
+        app, commit=True, server_timing=True, warn_statements=2, warn_db_time=0.02
+    )
+    try:
+        assert serve(wrapped, environ, start_response) == b"ok"
+    finally:
+        db.engine.dispose()
+    [timing] = [v for name, v in start_response.calls[0][1] if name == "Server-Timing"]
+    assert 'desc="3 queries"' in timing
+    assert float(timing.split("dur=")[1].split(";")[0]) >= 30  # three 10 ms sleeps
+    messages = [record.getMessage() for record in caplog.records]
+    assert (
+        messages[0] == "GET /slow ran 3 SQL statements (the limit is 2): an N+1 query?"
+    )
+    assert messages[1].startswith("GET /slow spent 0.0")

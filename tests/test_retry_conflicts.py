@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import StartResponseRecorder
+from conftest import serve
 from conftest import server_url
 from sqlalchemy import Engine
 from sqlalchemy import create_engine
@@ -162,13 +163,7 @@ def post(
             "wsgi.input": io.BytesIO(body),
         }
     )
-    result = app(environ, start_response)
-    try:
-        return b"".join(result)
-    finally:
-        close = getattr(result, "close", None)
-        if close is not None:
-            close()
+    return serve(app, environ, start_response)
 
 
 def settle(future: Future[bytes]) -> tuple[bytes | None, BaseException | None]:

@@ -12,6 +12,7 @@ import typing as t
 
 import pytest
 from conftest import StartResponseRecorder
+from conftest import serve
 from sqlalchemy import Engine
 from sqlalchemy import text
 from sqlalchemy.orm import Session
@@ -66,13 +67,21 @@ def check_isolated(seen: list[tuple[str, Session]], requests: int) -> None:
     assert len({id(session) for _, session in seen}) == requests
 
 
-def serve(app: WSGIApplication, path: str, kind: str) -> bytes:
+def run_script(script: str) -> t.Any:
+    """Run ``script`` in a fresh interpreter and return the JSON it printed."""
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return json.loads(result.stdout)
+
+
+def get(app: WSGIApplication, path: str, kind: str) -> bytes:
     environ = {"PATH_INFO": path, "QUERY_STRING": kind, "REQUEST_METHOD": "GET"}
-    body = app(environ, StartResponseRecorder())
-    try:
-        return b"".join(body)
-    finally:
-        getattr(body, "close", lambda: None)()
+    return serve(app, environ, StartResponseRecorder())
 
 
 @pytest.mark.parametrize(
@@ -93,7 +102,7 @@ def test_concurrent_threads_get_distinct_sessions(
             barrier.wait(timeout=10)
             for request in range(per_thread):
                 kind = "list" if request % 2 else "generator"
-                assert serve(app, f"/{number}/{request}", kind) == b"done"
+                assert get(app, f"/{number}/{request}", kind) == b"done"
         except BaseException as error:  # reported below, in the test's thread
             errors.append(error)
 
@@ -119,7 +128,7 @@ def test_greenlets_in_one_thread_get_distinct_sessions(engine: Engine) -> None:
         switching_app(registry, seen, lambda: hub.switch()), registry
     )
     workers = [
-        greenlet.greenlet(lambda n=n: serve(app, f"/{n}", ("list", "gen")[n % 2]))
+        greenlet.greenlet(lambda n=n: get(app, f"/{n}", ("list", "gen")[n % 2]))
         for n in range(6)
     ]
     # Round-robin until every greenlet has finished its request.
@@ -141,9 +150,7 @@ def test_gevent_greenlets_unpatched_get_distinct_sessions(engine: Engine) -> Non
     app = ScopedSessionMiddleware(
         switching_app(registry, seen, lambda: gevent.sleep(0)), registry
     )
-    jobs = [
-        gevent.spawn(serve, app, f"/{n}", ("list", "gen")[n % 2]) for n in range(12)
-    ]
+    jobs = [gevent.spawn(get, app, f"/{n}", ("list", "gen")[n % 2]) for n in range(12)]
     gevent.joinall(jobs, timeout=30, raise_error=True)
     assert [job.value for job in jobs] == [b"done"] * 12
     check_isolated(seen, 12)
@@ -211,14 +218,7 @@ def test_gevent_monkey_patched_server_gets_distinct_sessions(tmp_path: t.Any) ->
     (patching inside pytest's process would patch pytest)."""
     pytest.importorskip("gevent")
     script = GEVENT_SERVER.format(url=f"sqlite:///{tmp_path / 'gevent.db'}")
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    report = json.loads(result.stdout)
+    report = run_script(script)
     assert report["bodies"] == ["ok"] * 20
     sessions: dict[str, set[int]] = {}
     for path, session_id, same in report["seen"]:
@@ -258,11 +258,11 @@ def test_greenlets_sharing_a_thread_local_registry_are_warned(engine: Engine) ->
     registry = scoped_session(sessionmaker(engine))
     app = ScopedSessionMiddleware(switching_app(registry, [], lambda: None), registry)
     with pytest.warns(WsgiScopedWarning, match="would share one session"):
-        job = gevent.spawn(serve, app, "/shared", "list")
+        job = gevent.spawn(get, app, "/shared", "list")
         job.join(timeout=10)
     assert job.value == b"done"
     # Checked once per middleware: the next request is quiet.
-    job = gevent.spawn(serve, app, "/again", "list")
+    job = gevent.spawn(get, app, "/again", "list")
     job.join(timeout=10)
     assert job.successful()
 
@@ -324,14 +324,7 @@ def test_gevent_diagnostics_after_monkey_patching(psycogreen: bool) -> None:
     pytest.importorskip("gevent")
     pytest.importorskip("psycopg2")
     script = GEVENT_DIAGNOSTICS.format(psycogreen=psycogreen)
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    report = json.loads(result.stdout)
+    report = run_script(script)
     shared = "This request runs in a greenlet, but the"
     blocking = [] if psycogreen else ["psycopg2 is used under gevent without a "]
     assert report["made before patching"] == [shared, *blocking]

@@ -36,6 +36,7 @@ from sqlalchemy import create_engine
 from sqlalchemy import make_url
 from sqlalchemy import text
 from sqlalchemy.pool import NullPool
+from support import free_port
 
 TESTS = Path(__file__).resolve().parent
 #: Seconds any one HTTP request, or any wait for the server to settle, may take.
@@ -177,12 +178,6 @@ class Server:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _command(setup: Setup, port: int, extra: t.Sequence[str]) -> list[str]:
     if setup.server == "waitress":
         pytest.importorskip("waitress", reason="waitress is not installed")
@@ -222,7 +217,7 @@ def serve(
 ) -> t.Iterator[Server]:
     """Run ``tests/server_app.py`` under ``setup`` until the block ends, and
     print the logs' ends if the block failed."""
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(

@@ -16,6 +16,7 @@ from conftest import Observed
 from conftest import StartResponseRecorder
 from conftest import count_items
 from conftest import make_app
+from conftest import serve
 from sqlalchemy import Engine
 from sqlalchemy import String
 from sqlalchemy import create_engine
@@ -71,15 +72,6 @@ class CommitWitness(StartResponseRecorder):
     ) -> t.Callable[[bytes], object]:
         self.committed_at_status.append(count_items(self.engine))
         return super().__call__(status, headers, exc_info)
-
-
-def serve(app: WSGIApplication, environ: WSGIEnvironment, start: t.Any) -> bytes:
-    """Act as the server: iterate the body and close it."""
-    body = app(environ, start)
-    try:
-        return b"".join(body)
-    finally:
-        getattr(body, "close", lambda: None)()
 
 
 @pytest.mark.parametrize(

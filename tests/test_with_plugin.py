@@ -3,18 +3,15 @@ each test isolated by the pytest plugin's rolled-back transaction."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import typing as t
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 from sqlalchemy import func
 from sqlalchemy import select
 from sqlalchemy.orm import Session
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from support import import_example
+from support import unload_example
 
 
 @pytest.fixture(scope="module")
@@ -22,16 +19,9 @@ def todo(tmp_path_factory: pytest.TempPathFactory) -> t.Iterator[ModuleType]:
     url = f"sqlite:///{tmp_path_factory.mktemp('plugin') / 'todos.db'}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DATABASE_URL", url)
-        spec = importlib.util.spec_from_file_location(
-            "_todo_plugin", EXAMPLES / "todo.py"
-        )
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
+        module = import_example("todo")
     yield module
-    sys.modules.pop(spec.name, None)
-    module.db.engine.dispose()
+    unload_example(module)
 
 
 @pytest.fixture
