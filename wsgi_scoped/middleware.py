@@ -108,6 +108,16 @@ class ScopedSessionMiddleware:
         not retried.
     :param retry_backoff: seconds; before attempt *n + 1* the middleware
         sleeps a random time up to ``retry_backoff * 2 ** (n - 1)``.
+    :param stats: put a :class:`RequestStats` in
+        ``environ["wsgi_scoped.stats"]``; off, no listener is installed.
+    :param server_timing: add a ``Server-Timing`` header (database time and
+        statement count) before the status line goes out.
+    :param warn_statements: log requests that run more statements than this.
+    :param warn_db_time: log requests that spend more seconds than this in
+        the database.
+    :param trace: tag every statement with a SQL comment naming the request
+        (method and path), or with the value of the request header named
+        here, such as ``"X-Request-Id"``.
     :raises TypeError: if ``app`` is not callable, ``registry`` is not a
         ``scoped_session``, or an option has the wrong type.
     :raises ValueError: if an option is out of range, or needs ``commit``.
@@ -203,7 +213,8 @@ class ScopedSessionMiddleware:
         start_response: StartResponse,
         outer: _Registries,
     ) -> t.Iterable[bytes]:
-        """Run the request (again, on transient errors) under commit=True."""
+        """Run the request with its status line held (``commit=True`` or
+        ``server_timing``), again on transient errors."""
         attempts, replay, replayable = 1, None, False
         if self.retries:
             replay, replayable = _replayable_input(
