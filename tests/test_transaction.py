@@ -17,6 +17,7 @@ from conftest import StartResponseRecorder
 from conftest import count_items
 from conftest import make_app
 from conftest import serve
+from conftest import server_url
 from sqlalchemy import Engine
 from sqlalchemy import String
 from sqlalchemy import create_engine
@@ -989,3 +990,28 @@ def test_short_request_body_replayed_as_sent(
     )
     serve(wrapped, environ, StartResponseRecorder())
     assert lock.bodies == [b"short", b"short"]
+
+
+def test_psycopg2_serialization_failure_is_transient() -> None:
+    """A real 40001 through psycopg2, whose errors carry ``pgcode``."""
+    pytest.importorskip("psycopg2")
+    url = server_url("postgresql").replace("+psycopg:", "+psycopg2:")
+    engine = create_engine(url, isolation_level="REPEATABLE READ")
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE IF EXISTS pg2_counter"))
+        connection.execute(text("CREATE TABLE pg2_counter (n INT)"))
+        connection.execute(text("INSERT INTO pg2_counter VALUES (0)"))
+    try:
+        with engine.connect() as reader, engine.connect() as writer:
+            reader.execute(text("SELECT n FROM pg2_counter")).scalar_one()
+            writer.execute(text("UPDATE pg2_counter SET n = n + 1"))
+            writer.commit()
+            with pytest.raises(OperationalError) as caught:
+                reader.execute(text("UPDATE pg2_counter SET n = n + 1"))
+            assert caught.value.orig.pgcode == "40001"  # type: ignore[union-attr]
+            assert is_transient(caught.value)
+            reader.rollback()
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text("DROP TABLE pg2_counter"))
+        engine.dispose()
