@@ -44,24 +44,16 @@ def _check_options(
     replay_limit: object,
     retry_backoff: object,
 ) -> None:
-    if not isinstance(commit, bool):
-        raise TypeError(f"'commit' must be True or False, got {commit!r}.")
+    _require_bool("commit", commit)
     if commit_veto is not None and not callable(commit_veto):
         raise TypeError(
             "'commit_veto' must be a callable (environ, status, headers) -> bool,"
             f" got {type(commit_veto).__name__!r}."
         )
-    for name, value in (
-        ("retries", retries),
-        ("replay_memory", replay_memory),
-        ("replay_limit", replay_limit),
-    ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"'{name}' must be an int >= 0, got {value!r}.")
-    if not isinstance(retry_backoff, (int, float)) or retry_backoff < 0:
-        raise ValueError(
-            f"'retry_backoff' must be a number of seconds >= 0, got {retry_backoff!r}."
-        )
+    _require_count("retries", retries)
+    _require_count("replay_memory", replay_memory)
+    _require_count("replay_limit", replay_limit)
+    _require_seconds("retry_backoff", retry_backoff)
     if not commit and (commit_veto is not None or retries):
         option = "commit_veto" if commit_veto is not None else "retries"
         raise ValueError(
@@ -78,28 +70,33 @@ def _check_observing(
     warn_db_time: object,
     trace: object,
 ) -> None:
-    for name, value in (("stats", stats), ("server_timing", server_timing)):
-        if not isinstance(value, bool):
-            raise TypeError(f"'{name}' must be True or False, got {value!r}.")
-    if warn_statements is not None and (
-        not isinstance(warn_statements, int)
-        or isinstance(warn_statements, bool)
-        or warn_statements < 0
-    ):
-        raise ValueError(
-            f"'warn_statements' must be an int >= 0 or None, got {warn_statements!r}."
-        )
-    if warn_db_time is not None and (
-        not isinstance(warn_db_time, (int, float)) or warn_db_time < 0
-    ):
-        raise ValueError(
-            "'warn_db_time' must be a number of seconds >= 0 or None,"
-            f" got {warn_db_time!r}."
-        )
+    _require_bool("stats", stats)
+    _require_bool("server_timing", server_timing)
+    if warn_statements is not None:
+        _require_count("warn_statements", warn_statements, " or None")
+    if warn_db_time is not None:
+        _require_seconds("warn_db_time", warn_db_time, " or None")
     if not isinstance(trace, (bool, str)) or trace == "":
         raise TypeError(
             "'trace' must be True, False or the name of a request id header"
             f" such as 'X-Request-Id', got {trace!r}."
+        )
+
+
+def _require_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"'{name}' must be True or False, got {value!r}.")
+
+
+def _require_count(name: str, value: object, alternative: str = "") -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"'{name}' must be an int >= 0{alternative}, got {value!r}.")
+
+
+def _require_seconds(name: str, value: object, alternative: str = "") -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+        raise ValueError(
+            f"'{name}' must be a number of seconds >= 0{alternative}, got {value!r}."
         )
 
 

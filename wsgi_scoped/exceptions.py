@@ -1,6 +1,16 @@
-"""Warnings raised by wsgi_scoped."""
+"""Warnings raised by wsgi_scoped, and the log of failures that cannot be
+raised."""
 
 from __future__ import annotations
+
+import logging
+import typing as t
+
+if t.TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIEnvironment
+
+#: The one logger of request failures and warnings (README: Observability).
+logger = logging.getLogger("wsgi_scoped.middleware")
 
 
 class WsgiScopedWarning(UserWarning):
@@ -11,3 +21,16 @@ class WsgiScopedWarning(UserWarning):
 
     .. versionadded:: 0.1
     """
+
+
+def _log_failure(what: str, environ: WSGIEnvironment) -> None:
+    """Log the exception being handled as ``<what> failed for METHOD PATH``:
+    for failures that must not replace the one propagating, or that come
+    after the status line went out."""
+    logger.error(
+        "%s failed for %s %s",
+        what,
+        environ.get("REQUEST_METHOD"),
+        environ.get("PATH_INFO"),
+        exc_info=True,
+    )

@@ -4,8 +4,8 @@ ends it, exactly once, when the response ends.
 
 from __future__ import annotations
 
+import functools
 import itertools
-import logging
 import random
 import time
 import typing as t
@@ -18,6 +18,7 @@ from ._arguments import _check_arguments
 from ._arguments import _check_observing
 from ._arguments import _check_options
 from .exceptions import WsgiScopedWarning
+from .exceptions import _log_failure
 from .observe import STATS_KEY
 from .observe import _Observer
 from .scope import _check_concurrency
@@ -34,8 +35,6 @@ if t.TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
     from _typeshed.wsgi import WSGIApplication
     from _typeshed.wsgi import WSGIEnvironment
-
-logger = logging.getLogger(__name__)
 
 #: Environ key holding the registries whose sessions an outer layer manages.
 _ACTIVE = "wsgi_scoped.active"
@@ -215,6 +214,7 @@ class ScopedSessionMiddleware:
     ) -> t.Iterable[bytes]:
         """Run the request with its status line held (``commit=True`` or
         ``server_timing``), again on transient errors."""
+        veto = self.commit_veto if self.commit else None
         attempts, replay, replayable = 1, None, False
         if self.retries:
             replay, replayable = _replayable_input(
@@ -234,7 +234,8 @@ class ScopedSessionMiddleware:
             environ[_ATTEMPT] = attempt
             if self._observer is not None:
                 self._observer.start(environ)
-            response = _HeldResponse(start_response)
+            finish = functools.partial(_finish_handler, self.registry, veto, environ)
+            response = _HeldResponse(start_response, finish)
             try:
                 return self._attempt(environ, response, outer, replay)
             except BaseException as error:
@@ -254,31 +255,30 @@ class ScopedSessionMiddleware:
         """One run of the application: its work is committed, or rolled
         back, before the status line is released to the server."""
         registry = self.registry
-        veto = self.commit_veto if self.commit else None
-        response.finish = lambda: _finish_handler(registry, veto, environ, response)
         body: t.Iterable[bytes] | None = None
         try:
             body = self.app(environ, response)
+            materialized = _is_materialized(body, environ)
             chunks: t.Iterator[bytes] | None = None
-            if not _is_materialized(body, environ) and response.status is None:
+            if not materialized and response.status is None:
                 # A generator that calls start_response when first iterated.
                 iterator = iter(body)
                 chunks = itertools.chain(tuple(itertools.islice(iterator, 1)), iterator)
             if not response.released:
-                response.finish()
+                response.finish(response)
         except BaseException:
             if body is not None:
                 _close_quietly(body, environ)
             _end_quietly(registry, environ, outer)
             raise
-        if _is_materialized(body, environ):
+        if materialized:
             _end_materialized(registry, environ, outer, body)
             if replay is not None:
                 replay.close()
             return body
-        scoped = _ScopedBody(body, registry, environ, outer, chunks, replay)
-        scoped.commit = response.committed
-        return scoped
+        return _ScopedBody(
+            body, registry, environ, outer, chunks, replay, commit=response.committed
+        )
 
 
 class _ScopedBody:
@@ -295,7 +295,7 @@ class _ScopedBody:
         "_replay",
         "_closed",
         "_done",
-        "commit",
+        "_commit",
     )
 
     def __init__(
@@ -306,6 +306,8 @@ class _ScopedBody:
         outer: _Registries,
         chunks: t.Iterator[bytes] | None = None,
         replay: t.IO[bytes] | None = None,
+        *,
+        commit: bool = False,
     ) -> None:
         self._body = body
         self._registry = registry
@@ -315,11 +317,11 @@ class _ScopedBody:
         self._replay = replay
         self._closed = False
         self._done = False
-        self.commit = False
+        self._commit = commit
 
     def __iter__(self) -> t.Iterator[bytes]:
         # The server iterates the body itself: no Python work per chunk.
-        if not self.commit:
+        if not self._commit:
             return self._chunks or iter(self._body)
         return itertools.chain(self._chunks or self._body, self._finished())
 
@@ -385,7 +387,7 @@ def _end(
     else:
         environ.pop(_ACTIVE, None)
     stats = environ.get(STATS_KEY)
-    if stats is not None and stats._registry is not registry:
+    if stats is not None and stats._observer.registry is not registry:
         stats = None  # another layer's
     sessions = registry.registry
     try:
@@ -415,12 +417,7 @@ def _end_quietly(
     try:
         _end(registry, environ, outer)
     except Exception:
-        logger.error(
-            "Ending the session failed for %s %s",
-            environ.get("REQUEST_METHOD"),
-            environ.get("PATH_INFO"),
-            exc_info=True,
-        )
+        _log_failure("Ending the session", environ)
 
 
 def _close_quietly(body: t.Iterable[bytes], environ: WSGIEnvironment) -> None:
@@ -430,9 +427,4 @@ def _close_quietly(body: t.Iterable[bytes], environ: WSGIEnvironment) -> None:
         try:
             close()
         except Exception:
-            logger.error(
-                "Closing the response body failed for %s %s",
-                environ.get("REQUEST_METHOD"),
-                environ.get("PATH_INFO"),
-                exc_info=True,
-            )
+            _log_failure("Closing the response body", environ)

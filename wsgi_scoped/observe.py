@@ -5,7 +5,6 @@ unless a middleware asks for it: with statistics off there is no listener.
 
 from __future__ import annotations
 
-import logging
 import re
 import time
 import typing as t
@@ -17,21 +16,19 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session
 
 from ._arguments import _engine_of
+from .exceptions import logger
 from .scope import get_ident
 
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
-
-logger = logging.getLogger("wsgi_scoped.middleware")
 
 #: Environ key of the request's :class:`RequestStats`.
 STATS_KEY = "wsgi_scoped.stats"
 
 #: The statistics of the requests running now, by greenlet or thread.
 _current: dict[t.Hashable, RequestStats] = {}
-#: Engines whose listeners are installed, with whether they add SQL comments.
-_observed: weakref.WeakKeyDictionary[Engine, list[bool]] = weakref.WeakKeyDictionary()
-_observed_factories: weakref.WeakSet[t.Any] = weakref.WeakSet()
+#: Engines and sessionmakers whose listeners are installed.
+_observed: weakref.WeakSet[t.Any] = weakref.WeakSet()
 
 _WRITES = ("INSERT", "UPDATE", "DELETE", "insert", "update", "delete")
 _UNSAFE = re.compile(r"[^\w\-./:;=?&%@~+, ]")
@@ -59,15 +56,9 @@ class RequestStats:
         "_executing_since",
         "_asked_at",
         "_observer",
-        "_registry",
     )
 
-    def __init__(
-        self,
-        tag: str = "",
-        observer: _Observer | None = None,
-        registry: scoped_session[t.Any] | None = None,
-    ) -> None:
+    def __init__(self, tag: str = "", observer: _Observer | None = None) -> None:
         #: Statements executed.
         self.statements = 0
         #: Seconds spent executing statements.
@@ -83,7 +74,6 @@ class RequestStats:
         self._executing_since = 0.0
         self._asked_at = 0.0
         self._observer = observer
-        self._registry = registry
 
     def server_timing(self) -> str:
         """The ``Server-Timing`` value: time in the database and the number
@@ -121,15 +111,11 @@ class _Observer:
         self.warn_statements = warn_statements
         self.warn_db_time = warn_db_time
         self.trace = trace
-        _install(engine, bool(trace))
-        if registry.session_factory not in _observed_factories:
-            _observed_factories.add(registry.session_factory)
-            event.listen(registry.session_factory, "after_transaction_create", _asking)
-            event.listen(registry.session_factory, "after_begin", _connected)
+        _install(engine, registry.session_factory)
 
     def start(self, environ: WSGIEnvironment) -> RequestStats:
         tag = _tag(environ, self.trace) if self.trace else ""
-        stats = RequestStats(tag, self, self.registry)
+        stats = RequestStats(tag, self)
         environ[STATS_KEY] = stats
         _current[get_ident()] = stats
         return stats
@@ -180,11 +166,11 @@ def _tag(environ: WSGIEnvironment, trace: bool | str) -> str:
     return _UNSAFE.sub("", value)[:200]
 
 
-def _install(engine: Engine, comments: bool) -> None:
-    """Listen to ``engine`` and its pool, once per engine."""
-    flags = _observed.get(engine)
-    if flags is None:
-        _observed[engine] = flags = [comments]
+def _install(engine: Engine, sessions: t.Any) -> None:
+    """Listen to ``engine``, its pool and the registry's sessionmaker, once
+    each: the listeners find the request by greenlet or thread."""
+    if engine not in _observed:
+        _observed.add(engine)
         event.listen(engine, "before_cursor_execute", _before, retval=True)
         event.listen(engine, "after_cursor_execute", _after)
         event.listen(engine, "handle_error", _error)
@@ -192,7 +178,10 @@ def _install(engine: Engine, comments: bool) -> None:
         event.listen(engine, "rollback", _transaction_ended)
         event.listen(engine.pool, "checkout", _checkout)
         event.listen(engine.pool, "checkin", _checkin)
-    flags[0] = flags[0] or comments
+    if sessions not in _observed:
+        _observed.add(sessions)
+        event.listen(sessions, "after_transaction_create", _asking)
+        event.listen(sessions, "after_begin", _connected)
 
 
 def _before(
@@ -209,7 +198,7 @@ def _before(
         if statement.startswith(_WRITES):
             stats._pending_writes += 1
         stats._executing_since = time.perf_counter()
-        if stats.tag and _observed[conn.engine][0]:
+        if stats.tag:  # only when this request's middleware traces
             statement = f"{statement} /* {stats.tag} */"
     return statement, parameters
 

@@ -6,7 +6,6 @@ that a retried request can read it again.
 from __future__ import annotations
 
 import io
-import logging
 import tempfile
 import typing as t
 
@@ -14,6 +13,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session
 
+from .exceptions import _log_failure
 from .observe import STATS_KEY
 from .scope import _has_session
 
@@ -23,8 +23,6 @@ if t.TYPE_CHECKING:
 
 #: The signature of a commit veto: ``(environ, status, headers) -> abort?``.
 CommitVeto = t.Callable[["WSGIEnvironment", str, "list[tuple[str, str]]"], bool]
-
-logger = logging.getLogger("wsgi_scoped.middleware")
 
 #: The response header that forces commit (``commit``) or abort (any other
 #: value); pyramid_tm's name. The middleware removes it from the response.
@@ -88,16 +86,7 @@ def _run_hooks(session: Session, environ: WSGIEnvironment) -> None:
         try:
             hook()
         except Exception:
-            logger.error(
-                "An after-commit hook failed for %s %s",
-                environ.get("REQUEST_METHOD"),
-                environ.get("PATH_INFO"),
-                exc_info=True,
-            )
-
-
-def _drop_hooks(session: Session) -> None:
-    session.info.pop(_HOOKS, None)
+            _log_failure("An after-commit hook", environ)
 
 
 def _commit(session: Session) -> None:
@@ -128,12 +117,17 @@ class _HeldResponse:
         "server_write",
     )
 
-    def __init__(self, start_response: StartResponse) -> None:
+    def __init__(
+        self,
+        start_response: StartResponse,
+        finish: t.Callable[[_HeldResponse], None],
+    ) -> None:
         self.start_response = start_response
+        #: Commits or rolls back, then releases: ``_finish_handler``.
+        self.finish = finish
         self.status: str | None = None
         self.headers: list[tuple[str, str]] = []
         self.exc_info: t.Any = None
-        self.finish: t.Callable[[], None] = lambda: None
         self.released = False
         self.committed = False
         self.server_write: t.Callable[[bytes], object] | None = None
@@ -150,7 +144,7 @@ class _HeldResponse:
     def write(self, data: bytes) -> None:
         """The legacy ``write()``: the response starts now, so commit first."""
         if not self.released:
-            self.finish()
+            self.finish(self)
         self.server_write(data)  # type: ignore[misc]
 
     def release(self) -> None:
@@ -177,43 +171,36 @@ def _finish_handler(
     stats = environ.get(STATS_KEY)
     if stats is not None and stats._observer.server_timing:
         response.headers = [*headers, ("Server-Timing", stats.server_timing())]
-    if commit_veto is None:
-        response.release()
-        return
-    commit = environ.get(COMMIT_KEY, True) is not False and not commit_veto(
-        environ, status, headers
-    )
-    sessions = registry.registry
-    if _has_session(sessions):
-        session = sessions()
+    if commit_veto is not None:
+        commit = environ.get(COMMIT_KEY, True) is not False and not commit_veto(
+            environ, status, headers
+        )
         if commit:
-            _commit(session)
-            _run_hooks(session, environ)
-        else:
+            _commit_current(registry, environ)
+        elif _has_session(registry.registry):
+            session = registry.registry()
             session.rollback()
-            _drop_hooks(session)
-    response.committed = commit
+            session.info.pop(_HOOKS, None)
+        response.committed = commit
     response.release()
 
 
 def _commit_body(registry: scoped_session[t.Any], environ: WSGIEnvironment) -> None:
     """Commit what a streamed body did, after its status went out."""
-    sessions = registry.registry
-    if not _has_session(sessions):
-        return
-    session = sessions()
     try:
-        _commit(session)
+        _commit_current(registry, environ)
     except Exception:
         # The status went out long ago: the log is the only witness.
-        logger.error(
-            "Committing the work of the response body failed for %s %s",
-            environ.get("REQUEST_METHOD"),
-            environ.get("PATH_INFO"),
-            exc_info=True,
-        )
+        _log_failure("Committing the work of the response body", environ)
         raise
-    _run_hooks(session, environ)
+
+
+def _commit_current(registry: scoped_session[t.Any], environ: WSGIEnvironment) -> None:
+    """Commit the current session, if there is one, then run its hooks."""
+    if _has_session(registry.registry):
+        session = registry.registry()
+        _commit(session)
+        _run_hooks(session, environ)
 
 
 def is_transient(error: BaseException) -> bool:
