@@ -423,6 +423,14 @@ def hang_up(sock: socket.socket, *, reset: bool) -> None:
     sock.close()
 
 
+#: Every server kind, run directly against PostgreSQL.
+SERVERS = [
+    pytest.param(SYNC, id="gunicorn sync"),
+    pytest.param(GTHREAD, id="gunicorn gthread"),
+    pytest.param(GEVENT, id="gunicorn gevent"),
+    pytest.param(WAITRESS, id="waitress"),
+]
+
 #: Scenario 1: 60 writes, 20 reads and 20 streams that write while streaming.
 MIXED = [
     ("POST", "/items?tag=post"),
@@ -437,10 +445,7 @@ MIXED = [
 @pytest.mark.parametrize(
     "setup",
     [
-        pytest.param(SYNC, id="gunicorn sync"),
-        pytest.param(GTHREAD, id="gunicorn gthread"),
-        pytest.param(GEVENT, id="gunicorn gevent"),
-        pytest.param(WAITRESS, id="waitress"),
+        *SERVERS,
         pytest.param(
             dataclasses.replace(GTHREAD, bouncer="small pool"),
             id="gunicorn gthread, pgbouncer, small pool",
@@ -511,10 +516,7 @@ def test_preload_workers_never_use_the_masters_connection(
 @pytest.mark.parametrize(
     "setup",
     [
-        pytest.param(SYNC, id="gunicorn sync"),
-        pytest.param(GTHREAD, id="gunicorn gthread"),
-        pytest.param(GEVENT, id="gunicorn gevent"),
-        pytest.param(WAITRESS, id="waitress"),
+        *SERVERS,
         pytest.param(
             dataclasses.replace(GTHREAD, bouncer="NullPool"),
             id="gunicorn gthread, pgbouncer, NullPool",
