@@ -685,3 +685,164 @@ def test_injected_session_registered_in_other_thread(
     thread.start()
     thread.join(timeout=10)
     assert seen == [session]
+
+
+@pytest.mark.parametrize(
+    ("outer_options", "inner_options", "refused"),
+    [
+        pytest.param({}, {"commit": True}, True, id="inner commit=True, outer not"),
+        pytest.param(
+            {"commit": True}, {"commit": True, "retries": 2}, True, id="inner retries"
+        ),
+        pytest.param({"commit": True}, {"commit": True}, False, id="same options"),
+        pytest.param({"commit": True}, {}, False, id="inner defaults"),
+        pytest.param({}, {"stats": True}, True, id="inner statistics"),
+    ],
+)
+def test_nested_layer_never_drops_its_options_silently(
+    registry: Registry,
+    engine: Engine,
+    environ: WSGIEnvironment,
+    outer_options: dict[str, t.Any],
+    inner_options: dict[str, t.Any],
+    refused: bool,
+) -> None:
+    """The outer layer owns the session, so an inner layer of the same
+    registry that asks for something else is refused, loudly; one with the
+    defaults or the same options passes through."""
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        registry().execute(text("INSERT INTO item (name) VALUES ('x')"))
+        start_response("201 Created", [])
+        return [b"created"]
+
+    inner = ScopedSessionMiddleware(app, registry, **inner_options)
+    outer = ScopedSessionMiddleware(inner, registry, **outer_options)
+    start_response = StartResponseRecorder()
+    if refused:
+        with pytest.raises(ValueError, match="is wrapped inside") as caught:
+            outer(environ, start_response)
+        assert "<ScopedSessionMiddleware(" in str(caught.value)
+        assert start_response.calls == []
+        assert count_items(engine) == 0
+    else:
+        assert serve(outer, environ, start_response) == b"created"
+        assert count_items(engine) == int(outer_options.get("commit", False))
+    assert not registry.registry.has()
+    assert "wsgi_scoped.active" not in environ
+
+
+@pytest.mark.parametrize("commit", [False, True], ids=["commit=False", "commit=True"])
+@pytest.mark.parametrize(
+    "returned",
+    [None, "a str", b"bytes", 42],
+    ids=["None", "str", "bytes", "int"],
+)
+def test_unusable_body_refused_before_anything_is_committed(
+    registry: Registry,
+    engine: Engine,
+    environ: WSGIEnvironment,
+    commit: bool,
+    returned: t.Any,
+) -> None:
+    def forgetful_app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        registry().execute(text("INSERT INTO item (name) VALUES ('x')"))
+        start_response("200 OK", [])
+        return returned
+
+    start_response = StartResponseRecorder()
+    wrapped = ScopedSessionMiddleware(forgetful_app, registry, commit=commit)
+    with pytest.raises(TypeError, match="forgetful_app.* must return an iterable"):
+        wrapped(environ, start_response)
+    assert count_items(engine) == 0
+    assert start_response.calls == ([] if commit else [("200 OK", [], None)])
+    assert not registry.registry.has()
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("commit", [False, True], ids=["commit=False", "commit=True"])
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "sqlite, binds"])
+def test_exhausted_pool_answers_503_with_retry_after(
+    backend: str,
+    tmp_path: t.Any,
+    environ: WSGIEnvironment,
+    caplog: pytest.LogCaptureFixture,
+    commit: bool,
+) -> None:
+    """The only connection is taken: the request waits ``pool_timeout``, then
+    is told to come back, not given a server error; the log names the pool."""
+    from conftest import server_url
+
+    url = None if backend == "postgresql" else f"sqlite:///{tmp_path / 'pool.db'}"
+    engine = create_engine(
+        url or server_url("postgresql"), pool_size=1, max_overflow=0, pool_timeout=0.2
+    )
+    # A registry bound per table has no one pool to report.
+    bound = backend != "sqlite, binds"
+    registry = scoped_session(sessionmaker(engine if bound else None))
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        start_response("200 OK", [])  # already called: exc_info replaces it
+        registry().execute(text("SELECT 1"), bind_arguments={"bind": engine})
+        return [b"never"]
+
+    start_response = StartResponseRecorder()
+    wrapped = ScopedSessionMiddleware(app, registry, commit=commit)
+    try:
+        with engine.connect():
+            body = serve(wrapped, environ, start_response)
+        status, headers, exc_info = start_response.calls[-1]
+        assert status == "503 Service Unavailable"
+        assert ("Retry-After", "1") in headers
+        assert exc_info is not None  # replaces a status the app may have set
+        assert b"no database connection is free" in body
+        [record] = caplog.records
+        figures = "Pool size: 1  Connections in pool: 0" if bound else "the registry"
+        assert record.getMessage().startswith(f"Getting a pooled connection ({figures}")
+        assert record.getMessage().endswith("failed for GET /")
+        assert "QueuePool limit of size 1 overflow 0 reached" in caplog.text
+        assert not registry.registry.has()
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        registry.remove()
+        engine.dispose()
+
+
+def test_other_errors_still_reach_the_server(
+    registry: Registry, environ: WSGIEnvironment
+) -> None:
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        registry().execute(text("SELECT * FROM missing"))
+        return []
+
+    for commit in (False, True):
+        wrapped = ScopedSessionMiddleware(app, registry, commit=commit)
+        with pytest.raises(Exception, match="no such table"):
+            wrapped(environ, StartResponseRecorder())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"commit": True}, {"server_timing": True}],
+    ids=["commit=False", "commit=True", "server_timing"],
+)
+def test_second_start_response_without_exc_info_is_an_error(
+    registry: Registry, environ: WSGIEnvironment, options: dict[str, t.Any]
+) -> None:
+    """PEP 3333: a fatal error, whether the server's start_response is
+    called directly (commit=False) or held by the middleware."""
+    import wsgiref.handlers
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        registry().execute(text("INSERT INTO item (name) VALUES ('x')"))
+        start_response("200 OK", [])
+        start_response("201 Created", [])
+        return [b"which?"]
+
+    handler = wsgiref.handlers.SimpleHandler(
+        io.BytesIO(), io.BytesIO(), io.StringIO(), environ
+    )
+    wrapped = ScopedSessionMiddleware(app, registry, **options)
+    with pytest.raises(AssertionError, match="(?i)headers already set|second time"):
+        wrapped(environ, handler.start_response)
+    assert not registry.registry.has()

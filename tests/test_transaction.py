@@ -31,6 +31,7 @@ from sqlalchemy.orm import mapped_column
 from sqlalchemy.orm import scoped_session
 from sqlalchemy.orm import sessionmaker
 
+from wsgi_scoped import AbortedTransactionError
 from wsgi_scoped import ScopedSessionMiddleware
 from wsgi_scoped import after_commit
 from wsgi_scoped import default_commit_veto
@@ -417,7 +418,6 @@ def test_loaded_objects_not_expired_for_the_body(
     wrapped = ScopedSessionMiddleware(app, registry, commit=True)
     assert serve(wrapped, environ, start_response) == b"n0n1n2n3n4"
     assert len([s for s in statements if s.startswith("SELECT")]) == 1
-    assert registry.session_factory.kw["expire_on_commit"] is True
     engine.dispose()
 
 
@@ -544,7 +544,10 @@ def test_after_commit_hooks_run_in_order_only_after_commit(
     assert serve(wrapped, dict(environ), start_response) == b"ok"
     assert ran == ["first", "third", "body starts", "after the body"]
     [record] = caplog.records
-    assert record.getMessage() == "An after-commit hook failed for GET /signup"
+    assert record.getMessage() == (
+        "An after-commit hook failed:"
+        " test_after_commit_hooks_run_in_order_only_after_commit.<locals>.failing"
+    )
     assert start_response.calls[-1][0] == "200 OK"
 
     ran.clear()
@@ -660,7 +663,7 @@ def test_retry_replays_request_body(
     with engine.connect() as connection:
         lengths = connection.execute(text("SELECT name FROM item")).scalars().all()
     assert lengths == [str(size)]
-    assert "app.cache" not in environ or environ["app.cache"] == 2
+    assert environ["app.cache"] == 2  # the final attempt's (see test_retry.py)
     assert not registry.registry.has()
 
 
@@ -1014,4 +1017,224 @@ def test_psycopg2_serialization_failure_is_transient() -> None:
     finally:
         with engine.begin() as connection:
             connection.execute(text("DROP TABLE pg2_counter"))
+        engine.dispose()
+
+
+def test_iterable_starting_response_when_iterated_gets_its_status_out(
+    registry: Registry, engine: Engine, environ: WSGIEnvironment
+) -> None:
+    """Not only generators: any lazy iterable may call start_response on its
+    first ``next()``; the work is committed before that status goes out."""
+
+    class LateStart:
+        def __init__(self, start_response: StartResponse) -> None:
+            self.start_response = start_response
+            self.closed = False
+
+        def __iter__(self) -> t.Iterator[bytes]:
+            self.start_response("201 Created", [("X-Late", "yes")])
+            yield b"made"
+
+        def close(self) -> None:
+            self.closed = True
+
+    bodies: list[LateStart] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        registry().execute(text("INSERT INTO item (name) VALUES ('x')"))
+        bodies.append(LateStart(start_response))
+        return bodies[-1]
+
+    witness = CommitWitness(engine)
+    wrapped = ScopedSessionMiddleware(app, registry, commit=True)
+    assert serve(wrapped, environ, witness) == b"made"
+    assert [call[:2] for call in witness.calls] == [
+        ("201 Created", [("X-Late", "yes")])
+    ]
+    assert witness.committed_at_status == [1]
+    assert bodies[0].closed
+    assert not registry.registry.has()
+
+
+def test_injected_session_keeps_its_settings_and_no_vetoed_hook(
+    engine: Engine, environ: WSGIEnvironment
+) -> None:
+    """A session handed to requests (the pytest plugin's) outlives them: a
+    vetoed request's hooks never run later, and the middleware's commit
+    leaves the session's own expire_on_commit as it was."""
+    session = sessionmaker(engine, expire_on_commit=True)()
+    registry: Registry = scoped_session(sessionmaker(engine))
+    ran: list[str] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        name = environ["PATH_INFO"].strip("/")
+        after_commit(registry(), lambda: ran.append(name))
+        if name == "failed":
+            raise RuntimeError("before any SQL")
+        if name != "vetoed before any SQL":
+            insert = text("INSERT INTO item (name) VALUES (:n)")
+            registry().execute(insert, {"n": name})
+        start_response(environ["QUERY_STRING"] or "200 OK", [])
+        return [b"done"]
+
+    wrapped = ScopedSessionMiddleware(app, registry, commit=True)
+    try:
+        with pytest.raises(RuntimeError):
+            request = dict(environ, PATH_INFO="/failed")
+            wrapped(dict(request, **{"wsgi_scoped.session": session}), noop)
+        for path, status in (
+            ("/vetoed", "400 Bad Request"),
+            ("/vetoed before any SQL", "400 Bad Request"),
+            ("/kept", ""),
+        ):
+            request = dict(environ, PATH_INFO=path, QUERY_STRING=status)
+            request["wsgi_scoped.session"] = session
+            serve(wrapped, request, StartResponseRecorder())
+        assert ran == ["kept"]
+        assert session.expire_on_commit is True
+        with engine.connect() as connection:
+            names = connection.execute(text("SELECT name FROM item")).scalars().all()
+        assert names == ["kept"]
+    finally:
+        session.close()
+        registry.remove()
+
+
+@pytest.fixture(params=["psycopg", "psycopg2"])
+def pg_engine(request: pytest.FixtureRequest) -> t.Iterator[Engine]:
+    """PostgreSQL through psycopg 3 and psycopg2, with a fresh unique table."""
+    url = server_url("postgresql")
+    if request.param == "psycopg2":
+        pytest.importorskip("psycopg2")
+        url = url.replace("+psycopg:", "+psycopg2:")
+    engine = create_engine(url)
+    Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)
+    with engine.begin() as connection:
+        connection.execute(Item.__table__.insert().values(name="taken"))
+    yield engine
+    Base.metadata.drop_all(engine)
+    engine.dispose()
+
+
+def pg_names(engine: Engine) -> list[str]:
+    with engine.connect() as connection:
+        names = connection.execute(Item.__table__.select()).scalars().all()
+    return sorted(names)
+
+
+def catching_app(
+    registry: scoped_session[t.Any], *, savepoint: bool = False, commits: bool = False
+) -> WSGIApplication:
+    """Inserts, then meets a duplicate key it expects and catches: the usual
+    "insert or ignore" written in Python."""
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        session = registry()
+        session.execute(Item.__table__.insert().values(name="fresh"))
+        try:
+            if savepoint:
+                with session.begin_nested():
+                    session.execute(Item.__table__.insert().values(name="taken"))
+            else:
+                session.execute(Item.__table__.insert().values(name="taken"))
+        except IntegrityError:
+            pass  # "already there": fine, the handler thinks
+        if commits:
+            session.commit()
+        start_response("200 OK", [])
+        return [b"saved"]
+
+    return app
+
+
+@pytest.mark.parametrize(
+    "commit", [True, False], ids=["commit=True", "handler commits"]
+)
+def test_commit_of_an_aborted_postgresql_transaction_is_never_a_success(
+    pg_engine: Engine, environ: WSGIEnvironment, commit: bool
+) -> None:
+    """PostgreSQL answers COMMIT of an aborted transaction with a silent
+    ROLLBACK: the client must not be told 200 for the lost insert."""
+    registry = scoped_session(sessionmaker(pg_engine))
+    app = catching_app(registry, commits=not commit)
+    start_response = StartResponseRecorder()
+    wrapped = ScopedSessionMiddleware(app, registry, commit=commit)
+    with pytest.raises(AbortedTransactionError, match="begin_nested"):
+        wrapped(environ, start_response)
+    assert start_response.calls == []
+    assert pg_names(pg_engine) == ["taken"]
+    assert not registry.registry.has()
+    assert pg_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "commit", [True, False], ids=["commit=True", "handler commits"]
+)
+def test_savepoint_recovery_commits_the_rest(
+    pg_engine: Engine, environ: WSGIEnvironment, commit: bool
+) -> None:
+    registry = scoped_session(sessionmaker(pg_engine))
+    app = catching_app(registry, savepoint=True, commits=not commit)
+    start_response = StartResponseRecorder()
+    wrapped = ScopedSessionMiddleware(app, registry, commit=commit)
+    assert serve(wrapped, environ, start_response) == b"saved"
+    assert start_response.status == "200 OK"
+    assert pg_names(pg_engine) == ["fresh", "taken"]
+
+
+def test_aborted_transaction_refused_outside_requests_too(pg_engine: Engine) -> None:
+    """The guard lives on the sessionmaker, so a script's commit is checked."""
+    factory = sessionmaker(pg_engine)
+    ScopedSessionMiddleware(noop, scoped_session(factory))
+    with factory() as session:
+        session.execute(Item.__table__.insert().values(name="fresh"))
+        with pytest.raises(IntegrityError):
+            session.execute(Item.__table__.insert().values(name="taken"))
+        with pytest.raises(AbortedTransactionError):
+            session.commit()
+    assert pg_names(pg_engine) == ["taken"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_after_commit_hooks_follow_the_handlers_own_commit(
+    backend: str, tmp_path: t.Any, environ: WSGIEnvironment
+) -> None:
+    """commit=False: a hook runs after the handler's commit, with the
+    connection back in the pool; one whose work was rolled back or never
+    committed does not run."""
+    url = f"sqlite:///{tmp_path / 'hooks.db'}" if backend == "sqlite" else None
+    engine = create_engine(url or server_url("postgresql"))
+    registry = scoped_session(sessionmaker(engine))
+    ran: list[tuple[str, int]] = []
+
+    def hook(name: str) -> t.Callable[[], None]:
+        return lambda: ran.append((name, engine.pool.checkedout()))  # type: ignore[attr-defined]
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        session = registry()
+        session.execute(text("SELECT 1"))
+        after_commit(session, hook("committed"))
+        session.commit()
+        ran.append(("handler goes on", 0))
+        session.execute(text("SELECT 1"))
+        after_commit(session, hook("rolled back"))
+        session.rollback()
+        with session.begin_nested():
+            after_commit(session, hook("savepoint only"))
+        after_commit(session, hook("never committed"))
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    try:
+        wrapped = ScopedSessionMiddleware(app, registry)
+        serve(wrapped, environ, StartResponseRecorder())
+        assert ran == [("committed", 0), ("handler goes on", 0)]
+        with registry() as session:  # a script, outside any request
+            session.execute(text("SELECT 1"))
+            after_commit(session, hook("script"))
+            session.commit()
+        assert ran[-1] == ("script", 0)
+    finally:
+        registry.remove()
         engine.dispose()

@@ -2,6 +2,8 @@
 
 from .database import SQLITE_BUSY_TIMEOUT as SQLITE_BUSY_TIMEOUT
 from .database import Database as Database
+from .exceptions import AbortedTransactionError as AbortedTransactionError
+from .exceptions import WsgiScopedError as WsgiScopedError
 from .exceptions import WsgiScopedWarning as WsgiScopedWarning
 from .health import HealthCheck as HealthCheck
 from .middleware import ScopedSessionMiddleware as ScopedSessionMiddleware
@@ -14,12 +16,14 @@ from .transaction import default_commit_veto as default_commit_veto
 from .transaction import is_transient as is_transient
 
 __all__ = [
+    "AbortedTransactionError",
     "CommitVeto",
     "Database",
     "HealthCheck",
     "RequestStats",
     "SQLITE_BUSY_TIMEOUT",
     "ScopedSessionMiddleware",
+    "WsgiScopedError",
     "WsgiScopedWarning",
     "after_commit",
     "default_commit_veto",

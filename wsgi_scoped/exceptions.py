@@ -23,6 +23,26 @@ class WsgiScopedWarning(UserWarning):
     """
 
 
+class WsgiScopedError(Exception):
+    """The base class of the errors wsgi_scoped raises.
+
+    .. versionadded:: 0.1
+    """
+
+
+class AbortedTransactionError(WsgiScopedError):
+    """A commit was refused because an earlier error aborted the
+    transaction: PostgreSQL would have answered ``COMMIT`` with a silent
+    rollback, and the work would have been reported as saved.
+
+    Run a statement that may fail inside a savepoint
+    (``with session.begin_nested(): ...``) so that only the savepoint is
+    rolled back.
+
+    .. versionadded:: 0.1
+    """
+
+
 def _log_failure(what: str, environ: WSGIEnvironment) -> None:
     """Log the exception being handled as ``<what> failed for METHOD PATH``:
     for failures that must not replace the one propagating, or that come

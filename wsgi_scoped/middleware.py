@@ -7,16 +7,20 @@ from __future__ import annotations
 import functools
 import itertools
 import random
+import reprlib
+import sys
 import time
 import typing as t
 import warnings
 
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session
 
 from ._arguments import _check_arguments
 from ._arguments import _check_observing
 from ._arguments import _check_options
+from ._arguments import _engine_of
 from .exceptions import WsgiScopedWarning
 from .exceptions import _log_failure
 from .observe import STATS_KEY
@@ -26,8 +30,11 @@ from .scope import _has_session
 from .transaction import CommitVeto
 from .transaction import _commit_body
 from .transaction import _finish_handler
+from .transaction import _guard_commits
 from .transaction import _HeldResponse
+from .transaction import _Replay
 from .transaction import _replayable_input
+from .transaction import _roll_back
 from .transaction import default_commit_veto
 from .transaction import is_transient
 
@@ -43,6 +50,40 @@ _Registries = tuple["scoped_session[t.Any]", ...]
 _ATTEMPT = "wsgi_scoped.attempt"
 #: Environ key of a session a test hands to the request; the test owns it.
 _SESSION = "wsgi_scoped.session"
+#: Environ key holding the layers that own the registries in ``_ACTIVE``.
+_LAYERS = "wsgi_scoped.layers"
+
+_NESTED = (
+    "{inner} is wrapped inside {outer} for the same registry. The outer layer"
+    " manages this request's session, so the inner layer's options would be"
+    " silently ignored. Fix: wrap the registry once, give the outermost layer"
+    " the options you need, or give the inner layer the same options (or"
+    " none) as the outer one."
+)
+_UNUSABLE = (
+    "The application {app!r} returned {body!r}, which is not a response body:"
+    " a WSGI application must return an iterable of bytes (PEP 3333), such as"
+    " [b'Hello'] or a generator of bytes. Nothing was committed."
+)
+#: The answer to a request that found the connection pool exhausted.
+_EXHAUSTED = b"Service Unavailable: no database connection is free. Retry later.\n"
+_EXHAUSTED_HEADERS = [
+    ("Content-Type", "text/plain; charset=utf-8"),
+    ("Content-Length", str(len(_EXHAUSTED))),
+    ("Retry-After", "1"),
+]
+#: The options of a layer, in ``__init__``'s order, and their defaults.
+_POLICY_NAMES = (
+    "commit",
+    "commit_veto",
+    "retries",
+    "stats",
+    "server_timing",
+    "warn_statements",
+    "warn_db_time",
+    "trace",
+)
+_DEFAULTS = (False, default_commit_veto, 0, False, False, None, None, False)
 
 _STALE = (
     "A session was still registered for this thread or greenlet when a request"
@@ -169,9 +210,31 @@ class ScopedSessionMiddleware:
                 warn_db_time=warn_db_time,
                 trace=trace,
             )
+        #: What an outer layer must share for this one to pass through.
+        self._policy = (
+            commit,
+            self.commit_veto,
+            retries,
+            stats,
+            server_timing,
+            warn_statements,
+            warn_db_time,
+            trace,
+        )
         # Server-Timing must be in the headers before they go out.
         self._hold = commit or server_timing
         self._concurrency_checked = False
+        _guard_commits(registry.session_factory)
+
+    def __repr__(self) -> str:
+        options = "".join(
+            f", {name}={getattr(value, '__qualname__', value)!r}"
+            for name, value, default in zip(
+                _POLICY_NAMES, self._policy, _DEFAULTS, strict=True
+            )
+            if value != default
+        )
+        return f"<ScopedSessionMiddleware({self.app!r}{options})>"
 
     def __call__(
         self, environ: WSGIEnvironment, start_response: StartResponse
@@ -183,6 +246,14 @@ class ScopedSessionMiddleware:
         outer = environ.get(_ACTIVE, ())
         if registry in outer:
             # An outer layer owns this request's session and will end it.
+            layers = environ.get(_LAYERS, ())
+            position = outer.index(registry)
+            owner = layers[position] if position < len(layers) else None
+            if (
+                self._policy != _DEFAULTS
+                and getattr(owner, "_policy", None) != self._policy
+            ):
+                raise ValueError(_NESTED.format(inner=self, outer=owner))
             return self.app(environ, start_response)
         injected = environ.get(_SESSION)
         if _has_session(registry.registry) and registry.registry() is not injected:
@@ -191,6 +262,7 @@ class ScopedSessionMiddleware:
         if injected is not None:
             registry.registry.set(injected)
         environ[_ACTIVE] = (*outer, registry)
+        environ[_LAYERS] = (*environ.get(_LAYERS, ())[: len(outer)], self)
         if self._hold:
             return self._transaction(environ, start_response, outer)
         if self._observer is not None:
@@ -198,10 +270,13 @@ class ScopedSessionMiddleware:
 
         try:
             body = self.app(environ, start_response)
-        except BaseException:
+            materialized = _is_materialized(body, environ, self.app)
+        except BaseException as error:
             _end_quietly(registry, environ, outer)
+            if _pool_exhausted(error):
+                return _unavailable(registry, environ, start_response)
             raise
-        if _is_materialized(body, environ):
+        if materialized:
             _end_materialized(registry, environ, outer, body)
             return body
         return _ScopedBody(body, registry, environ, outer)
@@ -215,12 +290,10 @@ class ScopedSessionMiddleware:
         """Run the request with its status line held (``commit=True`` or
         ``server_timing``), again on transient errors."""
         veto = self.commit_veto if self.commit else None
-        attempts, replay, replayable = 1, None, False
+        attempts, replay = 1, None
         if self.retries:
-            replay, replayable = _replayable_input(
-                environ, self.replay_memory, self.replay_limit
-            )
-        if replayable:
+            replay = _replayable_input(environ, self.replay_memory, self.replay_limit)
+        if replay is not None:
             attempts += self.retries
             pristine = dict(environ)
         for attempt in range(1, attempts + 1):
@@ -230,7 +303,7 @@ class ScopedSessionMiddleware:
                 # Frameworks cache parsed requests in environ: start afresh.
                 environ.clear()
                 environ.update(pristine)
-                replay.seek(0)  # type: ignore[union-attr]
+                replay.rewind()  # type: ignore[union-attr]
             environ[_ATTEMPT] = attempt
             if self._observer is not None:
                 self._observer.start(environ)
@@ -239,9 +312,16 @@ class ScopedSessionMiddleware:
             try:
                 return self._attempt(environ, response, outer, replay)
             except BaseException as error:
-                if attempt == attempts or response.released or not is_transient(error):
+                if (
+                    attempt == attempts
+                    or response.released
+                    or not replay.replayable  # type: ignore[union-attr]
+                    or not is_transient(error)
+                ):
                     if replay is not None:
                         replay.close()
+                    if not response.released and _pool_exhausted(error):
+                        return _unavailable(self.registry, environ, start_response)
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -250,7 +330,7 @@ class ScopedSessionMiddleware:
         environ: WSGIEnvironment,
         response: _HeldResponse,
         outer: _Registries,
-        replay: t.IO[bytes] | None,
+        replay: _Replay | None,
     ) -> t.Iterable[bytes]:
         """One run of the application: its work is committed, or rolled
         back, before the status line is released to the server."""
@@ -258,10 +338,10 @@ class ScopedSessionMiddleware:
         body: t.Iterable[bytes] | None = None
         try:
             body = self.app(environ, response)
-            materialized = _is_materialized(body, environ)
+            materialized = _is_materialized(body, environ, self.app)
             chunks: t.Iterator[bytes] | None = None
             if not materialized and response.status is None:
-                # A generator that calls start_response when first iterated.
+                # An iterable that calls start_response when first iterated.
                 iterator = iter(body)
                 chunks = itertools.chain(tuple(itertools.islice(iterator, 1)), iterator)
             if not response.released:
@@ -305,7 +385,7 @@ class _ScopedBody:
         environ: WSGIEnvironment,
         outer: _Registries,
         chunks: t.Iterator[bytes] | None = None,
-        replay: t.IO[bytes] | None = None,
+        replay: _Replay | None = None,
         *,
         commit: bool = False,
     ) -> None:
@@ -349,13 +429,40 @@ class _ScopedBody:
         _end(self._registry, self._environ, self._outer)
 
 
-def _is_materialized(body: t.Iterable[bytes], environ: WSGIEnvironment) -> bool:
+def _is_materialized(
+    body: t.Iterable[bytes], environ: WSGIEnvironment, app: WSGIApplication
+) -> bool:
     """A list, tuple or the server's file wrapper: nothing left for the
-    session to produce."""
+    session to produce. Refuse what is no body at all, before any commit."""
     if type(body) is list or type(body) is tuple:
         return True
     wrapper = environ.get("wsgi.file_wrapper")
-    return isinstance(wrapper, type) and isinstance(body, wrapper)
+    if isinstance(wrapper, type) and isinstance(body, wrapper):
+        return True
+    if body is None or isinstance(body, (str, bytes)) or not hasattr(body, "__iter__"):
+        raise TypeError(_UNUSABLE.format(app=app, body=reprlib.repr(body)))
+    return False
+
+
+def _pool_exhausted(error: BaseException) -> bool:
+    """SQLAlchemy's "QueuePool limit ... reached, connection timed out"."""
+    return isinstance(error, PoolTimeout)
+
+
+def _unavailable(
+    registry: scoped_session[t.Any],
+    environ: WSGIEnvironment,
+    start_response: StartResponse,
+) -> list[bytes]:
+    """Answer 503 with Retry-After to a request that found the pool
+    exhausted, and log it with the pool's figures."""
+    try:
+        figures = _engine_of(registry, "").pool.status()
+    except TypeError:
+        figures = "the registry is not bound to one engine"
+    _log_failure(f"Getting a pooled connection ({figures})", environ)
+    start_response("503 Service Unavailable", _EXHAUSTED_HEADERS, sys.exc_info())
+    return [_EXHAUSTED]
 
 
 def _end_materialized(
@@ -384,8 +491,10 @@ def _end(
     """
     if outer:
         environ[_ACTIVE] = outer
+        environ[_LAYERS] = environ.get(_LAYERS, ())[: len(outer)]
     else:
         environ.pop(_ACTIVE, None)
+        environ.pop(_LAYERS, None)
     stats = environ.get(STATS_KEY)
     if stats is not None and stats._observer.registry is not registry:
         stats = None  # another layer's
@@ -395,7 +504,7 @@ def _end(
             session: Session = sessions()
             if session is environ.get(_SESSION):
                 # The test owns it: undo only what the request left uncommitted.
-                session.rollback()
+                _roll_back(session)
                 return
             if stats is not None:
                 stats._observer.before_end(stats, session, environ)

@@ -5,15 +5,19 @@ that a retried request can read it again.
 
 from __future__ import annotations
 
-import io
 import tempfile
 import typing as t
 
+from sqlalchemy import Connection
+from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session
+from sqlalchemy.orm import sessionmaker
 
+from .exceptions import AbortedTransactionError
 from .exceptions import _log_failure
+from .exceptions import logger
 from .observe import STATS_KEY
 from .scope import _has_session
 
@@ -28,7 +32,9 @@ CommitVeto = t.Callable[["WSGIEnvironment", str, "list[tuple[str, str]]"], bool]
 #: value); pyramid_tm's name. The middleware removes it from the response.
 TM_HEADER = "x-tm"
 
+#: Session.info keys: hooks waiting for a commit, and hooks whose commit came.
 _HOOKS = "wsgi_scoped.after_commit"
+_READY = "wsgi_scoped.after_commit.ready"
 #: Environ key a handler sets to ``False`` to keep its request out of commit=True.
 COMMIT_KEY = "wsgi_scoped.commit"
 
@@ -59,16 +65,20 @@ def default_commit_veto(
 
 
 def after_commit(session: Session, callback: t.Callable[[], object]) -> None:
-    """Call ``callback`` once the request that owns ``session`` has
-    committed, for work that must not happen for rolled-back data (mail,
+    """Call ``callback`` once the transaction in progress on ``session``
+    has committed, for work that must not happen for rolled-back data (mail,
     cache purges, queue messages).
 
-    Hooks run in the order they were added, after the middleware's commit
-    (``commit=True``). They are dropped when the request rolls back or is
-    retried. A hook that raises is logged with the request's path; the other
-    hooks still run and the response is unchanged.
+    Hooks run in the order they were added, right after the commit, with the
+    connection already back in the pool: the middleware's commit
+    (``commit=True``), a handler's own ``session.commit()`` (``commit=False``)
+    or a commit outside any request, such as in a command-line script. They
+    are dropped when that transaction rolls back instead (a vetoed or failed
+    request, a retried attempt, a session closed without committing). A hook
+    that raises is logged with its name; the other hooks still run and the
+    commit stands.
 
-    :param session: the request's session, ``db()``.
+    :param session: the session whose commit the hook waits for, ``db()``.
     :param callback: called with no arguments.
 
     .. code-block:: python
@@ -77,22 +87,98 @@ def after_commit(session: Session, callback: t.Callable[[], object]) -> None:
 
     .. versionadded:: 0.1
     """
-    session.info.setdefault(_HOOKS, []).append(callback)
+    hooks = session.info.get(_HOOKS)
+    if hooks is None:
+        hooks = session.info[_HOOKS] = []
+        if _READY not in session.info:
+            session.info[_READY] = []
+            event.listen(session, "after_commit", _hooks_committed)
+            event.listen(session, "after_transaction_end", _hooks_settled)
+    hooks.append(callback)
 
 
-def _run_hooks(session: Session, environ: WSGIEnvironment) -> None:
-    """Run and forget the hooks of a transaction that committed."""
-    for hook in session.info.pop(_HOOKS, ()):
+def _hooks_committed(session: Session) -> None:
+    """The session's transaction committed (a savepoint is not enough)."""
+    if not session.in_nested_transaction():
+        session.info[_READY].extend(session.info.pop(_HOOKS, ()))
+
+
+def _hooks_settled(session: Session, transaction: t.Any) -> None:
+    """The outermost transaction ended and its connections went back to the
+    pool: run what its commit made ready, forget what it rolled back."""
+    if transaction.parent is None:
+        session.info.pop(_HOOKS, None)
+        _run_ready(session)
+
+
+def _run_ready(session: Session) -> None:
+    ready = session.info[_READY]
+    while ready:
+        hook = ready.pop(0)
         try:
             hook()
         except Exception:
-            _log_failure("An after-commit hook", environ)
+            name = getattr(hook, "__qualname__", type(hook).__qualname__)
+            logger.error("An after-commit hook failed: %s", name, exc_info=True)
+
+
+_ABORTED = (
+    "The transaction was aborted by an earlier error, so COMMIT would be a"
+    " silent ROLLBACK: PostgreSQL ignores every statement after an error until"
+    " the transaction ends, and catching the error in Python does not undo"
+    " that. The work of this transaction is lost and was not committed. Fix:"
+    " run the statement that may fail in a savepoint, 'with"
+    " session.begin_nested(): ...', so that only the savepoint is rolled back."
+)
+#: PostgreSQL's "in a failed transaction block" (libpq's PQTRANS_INERROR),
+#: as psycopg 3 and psycopg2 report it in ``connection.info.transaction_status``.
+_PG_INERROR = 3
+
+
+def _guard_commits(sessions: object) -> None:
+    """Make the sessions of ``sessions`` (a sessionmaker) refuse to commit
+    an aborted PostgreSQL transaction; once per sessionmaker."""
+    if isinstance(sessions, sessionmaker) and not event.contains(
+        sessions, "before_commit", _refuse_aborted_commit
+    ):
+        event.listen(sessions, "before_commit", _refuse_aborted_commit)
+
+
+def _refuse_aborted_commit(session: Session) -> None:
+    """Raise instead of letting COMMIT of an aborted transaction pass."""
+    transaction = session.get_transaction()
+    if transaction is None:  # pragma: no cover - before_commit has one
+        return
+    for connection in _connections(transaction):
+        if connection.dialect.name != "postgresql" or connection.invalidated:
+            continue
+        info = getattr(connection.connection.dbapi_connection, "info", None)
+        if getattr(info, "transaction_status", None) == _PG_INERROR:
+            raise AbortedTransactionError(_ABORTED)
+
+
+def _connections(transaction: t.Any) -> t.Iterable[Connection]:
+    """The connections a session's transaction holds, without acquiring any."""
+    try:
+        return t.cast("t.Iterable[Connection]", transaction.connections)
+    except AttributeError:  # pragma: no cover - SQLAlchemy < 2.1.7
+        return [entry[0] for entry in transaction._connections.values()]
+
+
+def _roll_back(session: Session) -> None:
+    """Roll back, and forget hooks waiting even if no transaction began: a
+    session that outlives the request must not run them on a later commit."""
+    session.rollback()
+    session.info.pop(_HOOKS, None)
 
 
 def _commit(session: Session) -> None:
     """Commit the transaction in progress, if any, without expiring: the
     objects stay loaded for the body, and the session is ended next anyway."""
     if not session.in_transaction():
+        if _READY in session.info:  # nothing to commit: the hooks may run
+            _hooks_committed(session)
+            _run_ready(session)
         return
     expire = session.expire_on_commit
     session.expire_on_commit = False
@@ -138,6 +224,13 @@ class _HeldResponse:
         if self.released:
             # An error after the status went out: the server decides.
             return self.start_response(status, headers, exc_info)
+        if self.status is not None and exc_info is None:
+            # PEP 3333, as wsgiref and gunicorn enforce it.
+            raise AssertionError(
+                "start_response() was called a second time without exc_info:"
+                " PEP 3333 allows a second call only to replace the status"
+                " of an error, with exc_info=sys.exc_info()."
+            )
         self.status, self.headers, self.exc_info = status, headers, exc_info
         return self.write
 
@@ -178,9 +271,7 @@ def _finish_handler(
         if commit:
             _commit_current(registry, environ)
         elif _has_session(registry.registry):
-            session = registry.registry()
-            session.rollback()
-            session.info.pop(_HOOKS, None)
+            _roll_back(registry.registry())
         response.committed = commit
     response.release()
 
@@ -196,11 +287,9 @@ def _commit_body(registry: scoped_session[t.Any], environ: WSGIEnvironment) -> N
 
 
 def _commit_current(registry: scoped_session[t.Any], environ: WSGIEnvironment) -> None:
-    """Commit the current session, if there is one, then run its hooks."""
+    """Commit the current session, if there is one (its hooks run then)."""
     if _has_session(registry.registry):
-        session = registry.registry()
-        _commit(session)
-        _run_hooks(session, environ)
+        _commit(registry.registry())
 
 
 def is_transient(error: BaseException) -> bool:
@@ -209,13 +298,17 @@ def is_transient(error: BaseException) -> bool:
     (SQLSTATE ``40001``, ``40P01``; psycopg 3 and psycopg2), a MySQL/MariaDB
     deadlock or lock wait timeout (``1213``, ``1205``; PyMySQL, mysqlclient,
     MySQL Connector, MariaDB Connector), or SQLite's "database is locked".
-    Exceptions raised *from* such an error count too.
+    Exceptions raised *from* such an error, or while one was handled, count
+    too; ``SystemExit``, ``KeyboardInterrupt``, ``GeneratorExit`` and other
+    exceptions that are not :class:`Exception` never do.
 
     :param error: an exception, usually a
         :class:`sqlalchemy.exc.DBAPIError`.
 
     .. versionadded:: 0.1
     """
+    if not isinstance(error, Exception):
+        return False  # a shutdown or a closed generator is never retried
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
@@ -240,59 +333,109 @@ def _is_transient_driver_error(orig: BaseException) -> bool:
     return code in _PG_TRANSIENT
 
 
-def _replayable_input(
-    environ: WSGIEnvironment, memory: int, limit: int
-) -> tuple[t.IO[bytes] | None, bool]:
-    """Read the request body once so that every attempt can read it again,
-    kept in memory up to ``memory`` bytes and spooled to a temporary file
-    beyond, and put it in ``environ["wsgi.input"]``.
+class _Replay:
+    """The request body, recorded as the application reads it so that a
+    retried attempt reads the same bytes again, then the rest of the stream.
 
-    Return the stream put there, which the caller closes when the request
-    ends (``None`` if the server's stream was left in place), and whether
-    the request can be run again: not when the body is over ``limit``.
+    Nothing is read ahead: a handler that never reads the body never waits
+    for it. Kept in memory up to ``memory`` bytes (``0``: on disk from the
+    first byte), and no longer replayable once more than ``limit`` bytes
+    were read.
     """
-    stream = environ["wsgi.input"]
-    length = environ.get("CONTENT_LENGTH")
-    if length and not (length.isascii() and length.isdigit() and int(length) <= limit):
-        return None, False
-    spool = tempfile.SpooledTemporaryFile(max_size=memory)
-    if length:
-        remaining = int(length)
-        while remaining > 0:
-            chunk = stream.read(min(remaining, 65536))
-            if not chunk:
+
+    def __init__(self, stream: t.Any, memory: int, limit: int) -> None:
+        self._stream = stream
+        self._memory = memory
+        self._limit = limit
+        self._spool: t.IO[bytes] | None = None
+        self._recorded = 0
+        self._position = 0
+        self.replayable = True
+        self.closed = False
+
+    def rewind(self) -> None:
+        """Start the body again, for the next attempt."""
+        self._position = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        data, size = self._replayed(size, line=False)
+        if size == 0:
+            return data
+        more = self._stream.read() if size < 0 else self._stream.read(size)
+        return data + self._record(more)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        data, size = self._replayed(size, line=True)
+        if size == 0 or data.endswith(b"\n"):
+            return data
+        more = self._stream.readline() if size < 0 else self._stream.readline(size)
+        return data + self._record(more)
+
+    def readlines(self, hint: int = -1) -> list[bytes]:
+        lines: list[bytes] = []
+        total = 0
+        while line := self.readline():
+            lines.append(line)
+            total += len(line)
+            if 0 < hint <= total:
                 break
-            spool.write(chunk)
-            remaining -= len(chunk)
-    elif environ.get("wsgi.input_terminated"):
-        # Chunked, without a length: read to the end, or give up past limit.
-        while chunk := stream.read(65536):
-            spool.write(chunk)
-            if spool.tell() > limit:
-                spool.seek(0)
-                prefixed = io.BufferedReader(_Prefixed(spool, stream))
-                environ["wsgi.input"] = prefixed
-                return prefixed, False
-    spool.seek(0)
-    environ["wsgi.input"] = spool
-    return t.cast(t.IO[bytes], spool), True
+        return lines
 
-
-class _Prefixed(io.RawIOBase):
-    """A request body whose start was already read into ``head``."""
-
-    def __init__(self, head: t.IO[bytes], rest: t.BinaryIO) -> None:
-        self._head = head
-        self._rest = rest
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: t.Any) -> int:
-        data = self._head.read(len(buffer)) or self._rest.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
+    def __iter__(self) -> t.Iterator[bytes]:
+        return iter(self.readline, b"")
 
     def close(self) -> None:
-        self._head.close()
-        super().close()
+        self.closed = True
+        if self._spool is not None:
+            self._spool.close()
+
+    def _replayed(self, size: int | None, *, line: bool) -> tuple[bytes, int]:
+        """What an earlier attempt read and this one has not yet, and how
+        much is still wanted from the stream (``-1``: all of it)."""
+        size = -1 if size is None or size < 0 else size
+        available = self._recorded - self._position
+        if available <= 0 or self._spool is None:
+            return b"", size
+        want = available if size < 0 else min(size, available)
+        self._spool.seek(self._position)
+        data = self._spool.readline(want) if line else self._spool.read(want)
+        self._position += len(data)
+        if size >= 0:
+            return data, size - len(data)
+        if line and data.endswith(b"\n"):
+            return data, 0
+        return data, size
+
+    def _record(self, data: bytes) -> bytes:
+        if self.replayable and data:
+            if self._recorded + len(data) > self._limit:
+                self.replayable = False  # too much to keep: run this attempt only
+                if self._spool is not None:
+                    self._spool.close()
+                    self._spool = None
+            else:
+                if self._spool is None:
+                    self._spool = (
+                        tempfile.SpooledTemporaryFile(max_size=self._memory)
+                        if self._memory
+                        else tempfile.TemporaryFile()
+                    )
+                self._spool.seek(self._recorded)
+                self._spool.write(data)
+                self._recorded += len(data)
+        self._position += len(data)
+        return data
+
+
+def _replayable_input(
+    environ: WSGIEnvironment, memory: int, limit: int
+) -> _Replay | None:
+    """Put a :class:`_Replay` of the request body in ``environ["wsgi.input"]``
+    and return it; ``None`` when ``CONTENT_LENGTH`` already says the body is
+    over ``limit`` (or is not a number), so the request runs once."""
+    length = environ.get("CONTENT_LENGTH")
+    if length and not (length.isascii() and length.isdigit() and int(length) <= limit):
+        return None
+    replay = _Replay(environ["wsgi.input"], memory, limit)
+    environ["wsgi.input"] = replay
+    return replay
