@@ -3,6 +3,7 @@ raised."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import typing as t
 
@@ -23,6 +24,31 @@ class WsgiScopedWarning(UserWarning):
     """
 
 
+def _loggable(value: object) -> str:
+    """``value``, from the request, as text that cannot start a log line or
+    control a terminal: UTF-8 bytes are decoded, and line breaks, control
+    characters and backslashes are escaped as in a Python string literal."""
+    text = str(value)
+    with contextlib.suppress(UnicodeError):
+        # PEP 3333 hands the request's bytes over as latin-1 characters.
+        text = text.encode("latin-1").decode("utf-8")
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(
+        char if char.isprintable() and char != "\\" else repr(char)[1:-1]
+        for char in text
+    )
+
+
+def _log_extra(environ: WSGIEnvironment) -> dict[str, t.Any]:
+    """The raw request values of a log line, as ``LogRecord`` attributes for
+    structured logging; the message carries them escaped."""
+    return {
+        "wsgi_scoped_method": environ.get("REQUEST_METHOD"),
+        "wsgi_scoped_path": environ.get("PATH_INFO"),
+    }
+
+
 def _log_failure(what: str, environ: WSGIEnvironment) -> None:
     """Log the exception being handled as ``<what> failed for METHOD PATH``:
     for failures that must not replace the one propagating, or that come
@@ -30,7 +56,8 @@ def _log_failure(what: str, environ: WSGIEnvironment) -> None:
     logger.error(
         "%s failed for %s %s",
         what,
-        environ.get("REQUEST_METHOD"),
-        environ.get("PATH_INFO"),
+        _loggable(environ.get("REQUEST_METHOD")),
+        _loggable(environ.get("PATH_INFO")),
         exc_info=True,
+        extra=_log_extra(environ),
     )
