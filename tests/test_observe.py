@@ -19,6 +19,7 @@ from sqlalchemy import Engine
 from sqlalchemy import create_engine
 from sqlalchemy import event
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import scoped_session
 from sqlalchemy.orm import sessionmaker
 
@@ -301,6 +302,71 @@ def test_trace_tag_cannot_close_the_comment(
     environ["PATH_INFO"] = "/x*/; DROP TABLE item; --\n"
     serve(ScopedSessionMiddleware(app, registry, trace=True), environ, start_response)
     assert statements == ["SELECT 1 /* GET /x/; DROP TABLE item; -- */"]
+
+
+HOSTILE_TAGS = ["%s", "%(x)s", "%%", "?", ":x", ":1", "$1", "*/", "\n", "\xe9"]
+
+
+@pytest.mark.parametrize(
+    ("driver", "paramstyle"),
+    [
+        pytest.param("sqlite", "qmark", id="sqlite3 qmark"),
+        pytest.param("sqlite", "named", id="sqlite3 named"),
+        pytest.param("sqlite", "numeric", id="sqlite3 numeric"),
+        pytest.param("psycopg", "pyformat", id="psycopg pyformat"),
+        pytest.param("psycopg", "format", id="psycopg format"),
+        pytest.param("psycopg2", "pyformat", id="psycopg2 pyformat"),
+        pytest.param("psycopg2", "format", id="psycopg2 format"),
+        pytest.param("pymysql", "format", id="PyMySQL format"),
+        pytest.param("pymysql", "pyformat", id="PyMySQL pyformat"),
+    ],
+)
+def test_trace_tag_never_changes_a_statement(
+    tmp_path: t.Any, environ: WSGIEnvironment, driver: str, paramstyle: str
+) -> None:
+    """A path or request id a client chose, placeholders and all, is inert
+    in the comment: a statement with bound parameters still runs with them."""
+    if driver == "sqlite":
+        url = make_url(f"sqlite:///{tmp_path / 'trace.db'}")
+    else:
+        backend = "mysql" if driver == "pymysql" else "postgresql"
+        url = make_url(server_url(backend))
+        url = url.set(drivername=f"{url.get_backend_name()}+{driver}")
+    engine = create_engine(url, paramstyle=paramstyle)
+    registry = scoped_session(sessionmaker(engine))
+    statements: list[str] = []
+    event.listen(
+        engine, "after_cursor_execute", lambda c, cur, s, *a: statements.append(s)
+    )
+    rows: list[t.Any] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        query = text("SELECT :first, :second")
+        rows.append(registry().execute(query, {"first": 1, "second": 2}).one())
+        start_response("200 OK", [])
+        return [b""]
+
+    by_path = ScopedSessionMiddleware(app, registry, trace=True)
+    by_header = ScopedSessionMiddleware(app, registry, trace="X-Request-Id")
+    try:
+        for hostile in HOSTILE_TAGS:
+            serve(
+                by_path,
+                dict(environ, PATH_INFO=f"/a{hostile}"),
+                StartResponseRecorder(),
+            )
+            serve(
+                by_header,
+                dict(environ, HTTP_X_REQUEST_ID=f"r{hostile}"),
+                StartResponseRecorder(),
+            )
+    finally:
+        engine.dispose()
+    assert [tuple(row) for row in rows] == [(1, 2)] * 2 * len(HOSTILE_TAGS)
+    tags = [statement.partition("/*")[2] for statement in statements]
+    assert len(tags) == 2 * len(HOSTILE_TAGS)
+    assert tags[:2] == [" GET /as */", " rs */"]  # "%s" with the % dropped
+    assert not any(set(tag) & set("%?:$\n\xe9") for tag in tags)
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,9 @@ _current: dict[t.Hashable, RequestStats] = {}
 _observed: weakref.WeakSet[t.Any] = weakref.WeakSet()
 
 _WRITES = ("INSERT", "UPDATE", "DELETE", "insert", "update", "delete")
-_UNSAFE = re.compile(r"[^\w\-./:;=?&%@~+, ]")
+# Kept in a tag: ASCII that neither ends the comment nor reads as a
+# placeholder to any driver (%s, %(x)s, ?, :x, :1, $1).
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-./;=&@~+, ]")
 
 
 class RequestStats:
