@@ -9,9 +9,16 @@ import typing as t
 import pytest
 from conftest import StartResponseRecorder
 from conftest import serve
+from conftest import server_url
 from sqlalchemy import Engine
+from sqlalchemy import String
+from sqlalchemy import create_engine
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.orm import Mapped
+from sqlalchemy.orm import mapped_column
 from sqlalchemy.orm import scoped_session
 from sqlalchemy.orm import sessionmaker
 from test_middleware import BrokenCloseSession
@@ -215,3 +222,93 @@ def test_log_lines_show_paths_as_sent(
         f"GET {shown} ran 2 SQL statements (the limit is 1): an N+1 query?"
         for shown in paths.values()
     ]
+
+
+SECRET = "s3cr3t-4711"
+
+
+class NoteBase(DeclarativeBase):
+    pass
+
+
+class Note(NoteBase):
+    __tablename__ = "logging_note"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    body: Mapped[str] = mapped_column(String(50))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def note_engine(request: pytest.FixtureRequest, tmp_path: t.Any) -> t.Iterator[Engine]:
+    """An engine with one note, id 1, in the table."""
+    if request.param == "sqlite":
+        engine = create_engine(f"sqlite:///{tmp_path / 'notes.db'}")
+    else:
+        engine = create_engine(server_url(request.param))
+    NoteBase.metadata.drop_all(engine)
+    NoteBase.metadata.create_all(engine)
+    with engine.begin() as connection:
+        connection.execute(Note.__table__.insert().values(id=1, body="first"))
+    yield engine
+    NoteBase.metadata.drop_all(engine)
+    engine.dispose()
+
+
+def test_failed_commit_logged_without_bound_parameters(
+    note_engine: Engine, environ: WSGIEnvironment, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The log shows the statement, not its values; the exception that
+    reaches the server is untouched and still shows them."""
+    registry = scoped_session(sessionmaker(note_engine))
+
+    def body() -> t.Iterator[bytes]:
+        registry().add(Note(id=1, body=SECRET))  # the id is taken
+        yield b"streamed"
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        start_response("200 OK", [])
+        return body()
+
+    wrapped = ScopedSessionMiddleware(app, registry, commit=True)
+    with pytest.raises(IntegrityError) as caught:
+        serve(wrapped, environ, StartResponseRecorder())
+    assert SECRET in str(caught.value)
+    assert not caught.value.hide_parameters
+    [record] = caplog.records
+    assert record.getMessage().startswith("Committing the work of the response body")
+    assert "INSERT INTO logging_note" in caplog.text
+    assert "[SQL parameters hidden due to hide_parameters=True]" in caplog.text
+    assert SECRET not in caplog.text
+
+
+def test_chained_errors_logged_without_bound_parameters(
+    note_engine: Engine, environ: WSGIEnvironment, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hook's error raised while handling a SQLAlchemy error: the whole
+    chain is logged, without the parameters."""
+    registry = scoped_session(sessionmaker(note_engine))
+    errors: list[BaseException] = []
+
+    def publish() -> None:
+        try:
+            with note_engine.connect() as connection:
+                missing = text("SELECT * FROM logging_missing WHERE body = :body")
+                connection.execute(missing, {"body": SECRET})
+        except DBAPIError as error:
+            errors.append(error)
+            raise RuntimeError("publishing failed")  # noqa: B904 (context kept)
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        after_commit(registry(), publish)
+        start_response("200 OK", [])
+        return [b""]
+
+    wrapped = ScopedSessionMiddleware(app, registry, commit=True)
+    serve(wrapped, environ, StartResponseRecorder())
+    [record] = caplog.records
+    assert record.getMessage().startswith("An after-commit hook failed")
+    assert "RuntimeError: publishing failed" in caplog.text
+    assert "SELECT * FROM logging_missing" in caplog.text
+    assert SECRET not in caplog.text
+    [error] = errors
+    assert SECRET in str(error)

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import typing as t
+
+from sqlalchemy.exc import StatementError
 
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
@@ -52,12 +55,33 @@ def _log_extra(environ: WSGIEnvironment) -> dict[str, t.Any]:
 def _log_failure(what: str, environ: WSGIEnvironment) -> None:
     """Log the exception being handled as ``<what> failed for METHOD PATH``:
     for failures that must not replace the one propagating, or that come
-    after the status line went out."""
-    logger.error(
-        "%s failed for %s %s",
-        what,
-        _loggable(environ.get("REQUEST_METHOD")),
-        _loggable(environ.get("PATH_INFO")),
-        exc_info=True,
-        extra=_log_extra(environ),
-    )
+    after the status line went out. Bound parameters are not shown."""
+    with _parameters_hidden(sys.exc_info()[1]):
+        logger.error(
+            "%s failed for %s %s",
+            what,
+            _loggable(environ.get("REQUEST_METHOD")),
+            _loggable(environ.get("PATH_INFO")),
+            exc_info=True,
+            extra=_log_extra(environ),
+        )
+
+
+@contextlib.contextmanager
+def _parameters_hidden(error: BaseException | None) -> t.Iterator[None]:
+    """Hide the bound parameters of every SQLAlchemy error in ``error``'s
+    chain while the block logs it: handlers format the record before the
+    block ends, and the exception propagates unchanged afterwards."""
+    shown: list[StatementError] = []
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:  # as traceback walks it
+        seen.add(id(error))
+        if isinstance(error, StatementError) and not error.hide_parameters:
+            error.hide_parameters = True
+            shown.append(error)
+        error = error.__cause__ or error.__context__
+    try:
+        yield
+    finally:
+        for statement_error in shown:
+            statement_error.hide_parameters = False
