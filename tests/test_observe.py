@@ -27,6 +27,8 @@ from wsgi_scoped import Database
 from wsgi_scoped import HealthCheck
 from wsgi_scoped import RequestStats
 from wsgi_scoped import ScopedSessionMiddleware
+from wsgi_scoped import get_ident
+from wsgi_scoped import observe
 from wsgi_scoped.observe import _before
 
 if t.TYPE_CHECKING:
@@ -198,22 +200,47 @@ def test_uncommitted_work_rolled_back_is_warned(
     assert [r.getMessage() for r in caplog.records] == (expected if warned else [])
 
 
+@pytest.mark.parametrize(
+    "failure",
+    [
+        pytest.param("vetoed", id="vetoed status"),
+        pytest.param("handler", id="handler raised"),
+        pytest.param("body", id="streamed body raised"),
+    ],
+)
 def test_no_lost_work_warning_under_commit(
     registry: scoped_session[t.Any],
     environ: WSGIEnvironment,
     start_response: StartResponseRecorder,
     caplog: pytest.LogCaptureFixture,
+    failure: str,
 ) -> None:
-    """A vetoed request rolls back on purpose."""
+    """Under commit=True a request that failed, or was vetoed, rolls back on
+    purpose: advice to "use commit=True" would be noise."""
+
+    def write() -> None:
+        registry().execute(text("INSERT INTO item (name) VALUES ('x')"))
+
+    def body() -> t.Iterator[bytes]:
+        yield b"first"
+        write()
+        raise ValueError("the body failed")
 
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
-        registry().execute(text("INSERT INTO item (name) VALUES ('x')"))
-        start_response("409 Conflict", [])
-        return [b""]
+        write()
+        if failure == "handler":
+            raise ValueError("the handler failed")
+        start_response("409 Conflict" if failure == "vetoed" else "200 OK", [])
+        return [b""] if failure == "vetoed" else body()
 
     wrapped = ScopedSessionMiddleware(app, registry, commit=True, stats=True)
-    serve(wrapped, environ, start_response)
+    if failure == "vetoed":
+        serve(wrapped, environ, start_response)
+    else:
+        with pytest.raises(ValueError, match="failed"):
+            serve(wrapped, environ, start_response)
     assert caplog.records == []
+    assert environ["wsgi_scoped.stats"].statements >= 1
 
 
 def test_statistics_of_each_layer_with_its_own_registry(
@@ -544,16 +571,15 @@ def test_checkout_wait_measures_a_busy_pool(tmp_path: t.Any) -> None:
 
 
 def test_logger_is_wsgi_scoped() -> None:
-    from wsgi_scoped import observe
-
     assert observe.logger is logging.getLogger("wsgi_scoped.middleware")
 
 
 def test_work_outside_requests_is_not_counted(
     engine: Engine, environ: WSGIEnvironment, start_response: StartResponseRecorder
 ) -> None:
-    """The listeners stay on the engine; work done outside a request (start-up
-    code, a background thread) is counted in no request."""
+    """The listeners stay on the engine; work done outside a request, before
+    it (start-up code) or after it on the same thread, is counted in no
+    request."""
     registry = scoped_session(sessionmaker(engine))
 
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
@@ -561,13 +587,44 @@ def test_work_outside_requests_is_not_counted(
         start_response("200 OK", [])
         return [b""]
 
+    def work_outside() -> None:
+        with sessionmaker(engine).begin() as outside:
+            outside.execute(text("INSERT INTO item (name) VALUES ('outside')"))
+
     wrapped = ScopedSessionMiddleware(app, registry, stats=True)
-    outside = sessionmaker(engine)()
-    outside.execute(text("INSERT INTO item (name) VALUES ('outside')"))
-    outside.commit()
-    outside.close()
+    work_outside()
     serve(wrapped, environ, start_response)
-    assert environ["wsgi_scoped.stats"].statements == 1
+    stats = environ["wsgi_scoped.stats"]
+    held = stats.connection_held
+    work_outside()
+    assert (stats.statements, stats.connection_held) == (1, held)
+
+
+def test_statistics_forget_requests_that_ended(engine: Engine) -> None:
+    """Nothing of a request stays registered once it ended, in any thread."""
+    registry = scoped_session(sessionmaker(engine))
+    scopes: list[t.Hashable] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        scopes.append(get_ident())
+        registry().execute(text("SELECT 1"))
+        start_response("200 OK", [])
+        return iter([b""])
+
+    wrapped = ScopedSessionMiddleware(app, registry, stats=True)
+    threads = [
+        threading.Thread(
+            target=serve,
+            args=(wrapped, {"REQUEST_METHOD": "GET"}, StartResponseRecorder()),
+        )
+        for _ in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(scopes) == 8
+    assert not set(scopes) & set(observe._current)
 
 
 def test_savepoints_and_sessions_begun_earlier_add_no_wait(
