@@ -19,6 +19,7 @@ from sqlalchemy import Engine
 from sqlalchemy import create_engine
 from sqlalchemy import event
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import scoped_session
 from sqlalchemy.orm import sessionmaker
 
@@ -26,6 +27,8 @@ from wsgi_scoped import Database
 from wsgi_scoped import HealthCheck
 from wsgi_scoped import RequestStats
 from wsgi_scoped import ScopedSessionMiddleware
+from wsgi_scoped import get_ident
+from wsgi_scoped import observe
 from wsgi_scoped.observe import _before
 
 if t.TYPE_CHECKING:
@@ -152,6 +155,14 @@ def test_statement_and_time_warnings_name_the_request(
     serve(quiet, dict(environ), start_response)
     assert caplog.records == []
 
+    # Zero is a limit too: any statement, any time in the database.
+    for option in ({"warn_statements": 0}, {"warn_db_time": 0}):
+        caplog.clear()
+        strict = ScopedSessionMiddleware(app, registry, **option)  # type: ignore[arg-type]
+        serve(strict, dict(environ), start_response)
+        [record] = caplog.records
+        assert record.getMessage().startswith("GET /orders ")
+
 
 @pytest.mark.parametrize(
     ("work", "warned"),
@@ -197,22 +208,47 @@ def test_uncommitted_work_rolled_back_is_warned(
     assert [r.getMessage() for r in caplog.records] == (expected if warned else [])
 
 
+@pytest.mark.parametrize(
+    "failure",
+    [
+        pytest.param("vetoed", id="vetoed status"),
+        pytest.param("handler", id="handler raised"),
+        pytest.param("body", id="streamed body raised"),
+    ],
+)
 def test_no_lost_work_warning_under_commit(
     registry: scoped_session[t.Any],
     environ: WSGIEnvironment,
     start_response: StartResponseRecorder,
     caplog: pytest.LogCaptureFixture,
+    failure: str,
 ) -> None:
-    """A vetoed request rolls back on purpose."""
+    """Under commit=True a request that failed, or was vetoed, rolls back on
+    purpose: advice to "use commit=True" would be noise."""
+
+    def write() -> None:
+        registry().execute(text("INSERT INTO item (name) VALUES ('x')"))
+
+    def body() -> t.Iterator[bytes]:
+        yield b"first"
+        write()
+        raise ValueError("the body failed")
 
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
-        registry().execute(text("INSERT INTO item (name) VALUES ('x')"))
-        start_response("409 Conflict", [])
-        return [b""]
+        write()
+        if failure == "handler":
+            raise ValueError("the handler failed")
+        start_response("409 Conflict" if failure == "vetoed" else "200 OK", [])
+        return [b""] if failure == "vetoed" else body()
 
     wrapped = ScopedSessionMiddleware(app, registry, commit=True, stats=True)
-    serve(wrapped, environ, start_response)
+    if failure == "vetoed":
+        serve(wrapped, environ, start_response)
+    else:
+        with pytest.raises(ValueError, match="failed"):
+            serve(wrapped, environ, start_response)
     assert caplog.records == []
+    assert environ["wsgi_scoped.stats"].statements >= 1
 
 
 def test_statistics_of_each_layer_with_its_own_registry(
@@ -301,6 +337,71 @@ def test_trace_tag_cannot_close_the_comment(
     environ["PATH_INFO"] = "/x*/; DROP TABLE item; --\n"
     serve(ScopedSessionMiddleware(app, registry, trace=True), environ, start_response)
     assert statements == ["SELECT 1 /* GET /x/; DROP TABLE item; -- */"]
+
+
+HOSTILE_TAGS = ["%s", "%(x)s", "%%", "?", ":x", ":1", "$1", "*/", "\n", "\xe9"]
+
+
+@pytest.mark.parametrize(
+    ("driver", "paramstyle"),
+    [
+        pytest.param("sqlite", "qmark", id="sqlite3 qmark"),
+        pytest.param("sqlite", "named", id="sqlite3 named"),
+        pytest.param("sqlite", "numeric", id="sqlite3 numeric"),
+        pytest.param("psycopg", "pyformat", id="psycopg pyformat"),
+        pytest.param("psycopg", "format", id="psycopg format"),
+        pytest.param("psycopg2", "pyformat", id="psycopg2 pyformat"),
+        pytest.param("psycopg2", "format", id="psycopg2 format"),
+        pytest.param("pymysql", "format", id="PyMySQL format"),
+        pytest.param("pymysql", "pyformat", id="PyMySQL pyformat"),
+    ],
+)
+def test_trace_tag_never_changes_a_statement(
+    tmp_path: t.Any, environ: WSGIEnvironment, driver: str, paramstyle: str
+) -> None:
+    """A path or request id a client chose, placeholders and all, is inert
+    in the comment: a statement with bound parameters still runs with them."""
+    if driver == "sqlite":
+        url = make_url(f"sqlite:///{tmp_path / 'trace.db'}")
+    else:
+        backend = "mysql" if driver == "pymysql" else "postgresql"
+        url = make_url(server_url(backend))
+        url = url.set(drivername=f"{url.get_backend_name()}+{driver}")
+    engine = create_engine(url, paramstyle=paramstyle)
+    registry = scoped_session(sessionmaker(engine))
+    statements: list[str] = []
+    event.listen(
+        engine, "after_cursor_execute", lambda c, cur, s, *a: statements.append(s)
+    )
+    rows: list[t.Any] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        query = text("SELECT :first, :second")
+        rows.append(registry().execute(query, {"first": 1, "second": 2}).one())
+        start_response("200 OK", [])
+        return [b""]
+
+    by_path = ScopedSessionMiddleware(app, registry, trace=True)
+    by_header = ScopedSessionMiddleware(app, registry, trace="X-Request-Id")
+    try:
+        for hostile in HOSTILE_TAGS:
+            serve(
+                by_path,
+                dict(environ, PATH_INFO=f"/a{hostile}"),
+                StartResponseRecorder(),
+            )
+            serve(
+                by_header,
+                dict(environ, HTTP_X_REQUEST_ID=f"r{hostile}"),
+                StartResponseRecorder(),
+            )
+    finally:
+        engine.dispose()
+    assert [tuple(row) for row in rows] == [(1, 2)] * 2 * len(HOSTILE_TAGS)
+    tags = [statement.partition("/*")[2] for statement in statements]
+    assert len(tags) == 2 * len(HOSTILE_TAGS)
+    assert tags[:2] == [" GET /as */", " rs */"]  # "%s" with the % dropped
+    assert not any(set(tag) & set("%?:$\n\xe9") for tag in tags)
 
 
 @pytest.mark.parametrize(
@@ -478,16 +579,15 @@ def test_checkout_wait_measures_a_busy_pool(tmp_path: t.Any) -> None:
 
 
 def test_logger_is_wsgi_scoped() -> None:
-    from wsgi_scoped import observe
-
     assert observe.logger is logging.getLogger("wsgi_scoped.middleware")
 
 
 def test_work_outside_requests_is_not_counted(
     engine: Engine, environ: WSGIEnvironment, start_response: StartResponseRecorder
 ) -> None:
-    """The listeners stay on the engine; work done outside a request (start-up
-    code, a background thread) is counted in no request."""
+    """The listeners stay on the engine; work done outside a request, before
+    it (start-up code) or after it on the same thread, is counted in no
+    request."""
     registry = scoped_session(sessionmaker(engine))
 
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
@@ -495,13 +595,44 @@ def test_work_outside_requests_is_not_counted(
         start_response("200 OK", [])
         return [b""]
 
+    def work_outside() -> None:
+        with sessionmaker(engine).begin() as outside:
+            outside.execute(text("INSERT INTO item (name) VALUES ('outside')"))
+
     wrapped = ScopedSessionMiddleware(app, registry, stats=True)
-    outside = sessionmaker(engine)()
-    outside.execute(text("INSERT INTO item (name) VALUES ('outside')"))
-    outside.commit()
-    outside.close()
+    work_outside()
     serve(wrapped, environ, start_response)
-    assert environ["wsgi_scoped.stats"].statements == 1
+    stats = environ["wsgi_scoped.stats"]
+    held = stats.connection_held
+    work_outside()
+    assert (stats.statements, stats.connection_held) == (1, held)
+
+
+def test_statistics_forget_requests_that_ended(engine: Engine) -> None:
+    """Nothing of a request stays registered once it ended, in any thread."""
+    registry = scoped_session(sessionmaker(engine))
+    scopes: list[t.Hashable] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        scopes.append(get_ident())
+        registry().execute(text("SELECT 1"))
+        start_response("200 OK", [])
+        return iter([b""])
+
+    wrapped = ScopedSessionMiddleware(app, registry, stats=True)
+    threads = [
+        threading.Thread(
+            target=serve,
+            args=(wrapped, {"REQUEST_METHOD": "GET"}, StartResponseRecorder()),
+        )
+        for _ in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(scopes) == 8
+    assert not set(scopes) & set(observe._current)
 
 
 def test_savepoints_and_sessions_begun_earlier_add_no_wait(

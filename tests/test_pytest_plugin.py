@@ -7,6 +7,10 @@ import typing as t
 
 import pytest
 from conftest import server_url
+from sqlalchemy import create_engine
+from sqlalchemy import text
+
+from wsgi_scoped.pytest_plugin import count_queries
 
 CONFTEST = """
 import pytest
@@ -179,6 +183,49 @@ def test_clean(wsgi_scoped_session):
     result = run(pytester, url, tests)
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(["*AssertionError: boom*"])
+
+
+def test_registry_is_the_applications_again_after_a_test(
+    pytester: pytest.Pytester, url: str
+) -> None:
+    """A later test that uses the registry without the fixtures gets real
+    sessions on the engine: not bound to the closed test connection, and on
+    SQLite a pooled connection whose rollback still undoes its work."""
+    tests = """
+from conftest import notes
+from sqlalchemy import select
+
+
+def test_with_the_fixtures(wsgi_scoped_testapp):
+    wsgi_scoped_testapp.post("/notes?inside", status=201)
+
+
+def test_without_them(wsgi_scoped_registry):
+    session = wsgi_scoped_registry()
+    try:
+        session.execute(notes.insert().values(body="rolled back"))
+        session.rollback()
+        session.execute(notes.insert().values(body="committed"))
+        session.commit()
+        with wsgi_scoped_registry.engine.connect() as connection:
+            bodies = connection.execute(select(notes.c.body)).scalars().all()
+        assert bodies == ["committed"]
+    finally:
+        wsgi_scoped_registry.remove()
+"""
+    run(pytester, url, tests).assert_outcomes(passed=2)
+
+
+def test_query_counter_stops_recording_after_its_block(tmp_path: t.Any) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'count.db'}")
+    try:
+        with engine.connect() as connection:
+            with count_queries(engine) as statements:
+                connection.execute(text("SELECT 1"))
+            connection.execute(text("SELECT 2"))
+        assert statements == ["SELECT 1"]
+    finally:
+        engine.dispose()
 
 
 def test_query_counter(pytester: pytest.Pytester, tmp_path: t.Any) -> None:

@@ -3,8 +3,12 @@ raised."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import typing as t
+
+from sqlalchemy.exc import StatementError
 
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
@@ -43,14 +47,61 @@ class AbortedTransactionError(WsgiScopedError):
     """
 
 
+def _loggable(value: object) -> str:
+    """``value``, from the request, as text that cannot start a log line or
+    control a terminal: UTF-8 bytes are decoded, and line breaks, control
+    characters and backslashes are escaped as in a Python string literal."""
+    text = str(value)
+    with contextlib.suppress(UnicodeError):
+        # PEP 3333 hands the request's bytes over as latin-1 characters.
+        text = text.encode("latin-1").decode("utf-8")
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(
+        char if char.isprintable() and char != "\\" else repr(char)[1:-1]
+        for char in text
+    )
+
+
+def _log_extra(environ: WSGIEnvironment) -> dict[str, t.Any]:
+    """The raw request values of a log line, as ``LogRecord`` attributes for
+    structured logging; the message carries them escaped."""
+    return {
+        "wsgi_scoped_method": environ.get("REQUEST_METHOD"),
+        "wsgi_scoped_path": environ.get("PATH_INFO"),
+    }
+
+
 def _log_failure(what: str, environ: WSGIEnvironment) -> None:
     """Log the exception being handled as ``<what> failed for METHOD PATH``:
     for failures that must not replace the one propagating, or that come
-    after the status line went out."""
-    logger.error(
-        "%s failed for %s %s",
-        what,
-        environ.get("REQUEST_METHOD"),
-        environ.get("PATH_INFO"),
-        exc_info=True,
-    )
+    after the status line went out. Bound parameters are not shown."""
+    with _parameters_hidden(sys.exc_info()[1]):
+        logger.error(
+            "%s failed for %s %s",
+            what,
+            _loggable(environ.get("REQUEST_METHOD")),
+            _loggable(environ.get("PATH_INFO")),
+            exc_info=True,
+            extra=_log_extra(environ),
+        )
+
+
+@contextlib.contextmanager
+def _parameters_hidden(error: BaseException | None) -> t.Iterator[None]:
+    """Hide the bound parameters of every SQLAlchemy error in ``error``'s
+    chain while the block logs it: handlers format the record before the
+    block ends, and the exception propagates unchanged afterwards."""
+    shown: list[StatementError] = []
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:  # as traceback walks it
+        seen.add(id(error))
+        if isinstance(error, StatementError) and not error.hide_parameters:
+            error.hide_parameters = True
+            shown.append(error)
+        error = error.__cause__ or error.__context__
+    try:
+        yield
+    finally:
+        for statement_error in shown:
+            statement_error.hide_parameters = False

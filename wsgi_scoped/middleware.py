@@ -201,7 +201,8 @@ class ScopedSessionMiddleware:
         self.replay_limit = replay_limit
         self.retry_backoff = retry_backoff
         self._observer: _Observer | None = None
-        if stats or server_timing or warn_statements or warn_db_time or trace:
+        warns = warn_statements is not None or warn_db_time is not None
+        if stats or server_timing or warns or trace:
             self._observer = _Observer(
                 registry,
                 commit=commit,

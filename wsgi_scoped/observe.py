@@ -16,6 +16,8 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session
 
 from ._arguments import _engine_of
+from .exceptions import _log_extra
+from .exceptions import _loggable
 from .exceptions import logger
 from .scope import get_ident
 
@@ -31,7 +33,9 @@ _current: dict[t.Hashable, RequestStats] = {}
 _observed: weakref.WeakSet[t.Any] = weakref.WeakSet()
 
 _WRITES = ("INSERT", "UPDATE", "DELETE", "insert", "update", "delete")
-_UNSAFE = re.compile(r"[^\w\-./:;=?&%@~+, ]")
+# Kept in a tag: ASCII that neither ends the comment nor reads as a
+# placeholder to any driver (%s, %(x)s, ?, :x, :1, $1).
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-./;=&@~+, ]")
 
 
 class RequestStats:
@@ -130,13 +134,15 @@ class _Observer:
             logger.warning(
                 "Uncommitted changes rolled back at the end of %s %s: commit them"
                 " in the handler, or use commit=True",
-                environ.get("REQUEST_METHOD"),
-                environ.get("PATH_INFO"),
+                _loggable(environ.get("REQUEST_METHOD")),
+                _loggable(environ.get("PATH_INFO")),
+                extra=_log_extra(environ),
             )
 
     def finish(self, stats: RequestStats, environ: WSGIEnvironment) -> None:
         _current.pop(get_ident(), None)
-        method, path = environ.get("REQUEST_METHOD"), environ.get("PATH_INFO")
+        method = _loggable(environ.get("REQUEST_METHOD"))
+        path = _loggable(environ.get("PATH_INFO"))
         if self.warn_statements is not None and stats.statements > self.warn_statements:
             logger.warning(
                 "%s %s ran %d SQL statements (the limit is %d): an N+1 query?",
@@ -144,6 +150,7 @@ class _Observer:
                 path,
                 stats.statements,
                 self.warn_statements,
+                extra=_log_extra(environ),
             )
         if self.warn_db_time is not None and stats.db_time > self.warn_db_time:
             logger.warning(
@@ -152,6 +159,7 @@ class _Observer:
                 path,
                 stats.db_time,
                 self.warn_db_time,
+                extra=_log_extra(environ),
             )
 
 

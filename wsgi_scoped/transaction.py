@@ -17,6 +17,7 @@ from sqlalchemy.orm import sessionmaker
 
 from .exceptions import AbortedTransactionError
 from .exceptions import _log_failure
+from .exceptions import _parameters_hidden
 from .exceptions import logger
 from .observe import STATS_KEY
 from .scope import _has_session
@@ -117,9 +118,11 @@ def _run_ready(session: Session) -> None:
         hook = ready.pop(0)
         try:
             hook()
-        except Exception:
+        except Exception as error:
+            # No request values here: hooks also run outside requests.
             name = getattr(hook, "__qualname__", type(hook).__qualname__)
-            logger.error("An after-commit hook failed: %s", name, exc_info=True)
+            with _parameters_hidden(error):
+                logger.error("An after-commit hook failed: %s", name, exc_info=True)
 
 
 _ABORTED = (
