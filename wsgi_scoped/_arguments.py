@@ -1,7 +1,10 @@
 """Checks of the middleware's arguments, made at construction so that a
-mistake fails at start-up with a message that says how to fix it."""
+mistake fails at start-up with a message that says how to fix it, and of
+layers nested around one registry."""
 
 from __future__ import annotations
+
+import typing as t
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
@@ -115,3 +118,43 @@ def _engine_of(database: object, what: str) -> Engine:
             " scoped_session(sessionmaker(engine))."
         )
     return engine
+
+
+_NESTED = (
+    "{inner} is wrapped inside {outer} for the same registry. The outer layer"
+    " manages this request's session, so the inner layer's options would be"
+    " silently ignored. Fix: wrap the registry once, give the outermost layer"
+    " the options you need, or give the inner layer the same options (or"
+    " none) as the outer one."
+)
+#: A layer's options in ``__init__``'s order (its ``_policy``), and their
+#: defaults: an inner layer with the defaults only passes requests through.
+_POLICY_NAMES = (
+    "commit",
+    "commit_veto",
+    "retries",
+    "stats",
+    "server_timing",
+    "warn_statements",
+    "warn_db_time",
+    "trace",
+)
+
+
+_DEFAULTS = (False, None, 0, False, False, None, None, False)
+
+
+def _check_nesting(inner: t.Any, owner: t.Any) -> None:
+    """Refuse an inner layer whose options the owning outer layer would
+    silently ignore: it must have the defaults, or the owner's options."""
+    if inner._policy != _DEFAULTS and getattr(owner, "_policy", None) != inner._policy:
+        raise ValueError(_NESTED.format(inner=inner, outer=owner))
+
+
+def _describe(policy: tuple[t.Any, ...]) -> str:
+    """``", commit=True, retries=2"``: the options that are not defaults."""
+    return "".join(
+        f", {name}={getattr(value, '__qualname__', value)!r}"
+        for name, value, default in zip(_POLICY_NAMES, policy, _DEFAULTS, strict=True)
+        if value != default
+    )

@@ -18,8 +18,10 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session
 
 from ._arguments import _check_arguments
+from ._arguments import _check_nesting
 from ._arguments import _check_observing
 from ._arguments import _check_options
+from ._arguments import _describe
 from ._arguments import _engine_of
 from .exceptions import WsgiScopedWarning
 from .exceptions import _log_failure
@@ -53,13 +55,6 @@ _SESSION = "wsgi_scoped.session"
 #: Environ key holding the layers that own the registries in ``_ACTIVE``.
 _LAYERS = "wsgi_scoped.layers"
 
-_NESTED = (
-    "{inner} is wrapped inside {outer} for the same registry. The outer layer"
-    " manages this request's session, so the inner layer's options would be"
-    " silently ignored. Fix: wrap the registry once, give the outermost layer"
-    " the options you need, or give the inner layer the same options (or"
-    " none) as the outer one."
-)
 _UNUSABLE = (
     "The application {app!r} returned {body!r}, which is not a response body:"
     " a WSGI application must return an iterable of bytes (PEP 3333), such as"
@@ -72,18 +67,6 @@ _EXHAUSTED_HEADERS = [
     ("Content-Length", str(len(_EXHAUSTED))),
     ("Retry-After", "1"),
 ]
-#: The options of a layer, in ``__init__``'s order, and their defaults.
-_POLICY_NAMES = (
-    "commit",
-    "commit_veto",
-    "retries",
-    "stats",
-    "server_timing",
-    "warn_statements",
-    "warn_db_time",
-    "trace",
-)
-_DEFAULTS = (False, default_commit_veto, 0, False, False, None, None, False)
 
 _STALE = (
     "A session was still registered for this thread or greenlet when a request"
@@ -214,7 +197,7 @@ class ScopedSessionMiddleware:
         #: What an outer layer must share for this one to pass through.
         self._policy = (
             commit,
-            self.commit_veto,
+            commit_veto,
             retries,
             stats,
             server_timing,
@@ -228,14 +211,7 @@ class ScopedSessionMiddleware:
         _guard_commits(registry.session_factory)
 
     def __repr__(self) -> str:
-        options = "".join(
-            f", {name}={getattr(value, '__qualname__', value)!r}"
-            for name, value, default in zip(
-                _POLICY_NAMES, self._policy, _DEFAULTS, strict=True
-            )
-            if value != default
-        )
-        return f"<ScopedSessionMiddleware({self.app!r}{options})>"
+        return f"<ScopedSessionMiddleware({self.app!r}{_describe(self._policy)})>"
 
     def __call__(
         self, environ: WSGIEnvironment, start_response: StartResponse
@@ -249,12 +225,7 @@ class ScopedSessionMiddleware:
             # An outer layer owns this request's session and will end it.
             layers = environ.get(_LAYERS, ())
             position = outer.index(registry)
-            owner = layers[position] if position < len(layers) else None
-            if (
-                self._policy != _DEFAULTS
-                and getattr(owner, "_policy", None) != self._policy
-            ):
-                raise ValueError(_NESTED.format(inner=self, outer=owner))
+            _check_nesting(self, layers[position] if position < len(layers) else None)
             return self.app(environ, start_response)
         injected = environ.get(_SESSION)
         if _has_session(registry.registry) and registry.registry() is not injected:
