@@ -193,7 +193,7 @@ def test_health_check_recovers_from_a_silent_host(backend: str, driver: str) -> 
             assert stuck[0][1]["database"]["error"] == "PreviousCheckStillRunning"
             assert {status for status, _ in stuck} == {"503 Service Unavailable"}
             assert len(health_threads()) <= threads + 1
-            assert host.accepted >= 1
+            assert host.accepted == 1  # no connection attempt piled up
             host.answer(real.host or "127.0.0.1", real.port or DEFAULT_PORTS[backend])
             errors = probe_until_healthy(check, 7)
             assert errors[-1] is None, errors
@@ -205,7 +205,7 @@ def test_health_check_recovers_from_a_silent_host(backend: str, driver: str) -> 
 
 @pytest.mark.parametrize(("backend", "driver"), DRIVERS)
 def test_health_check_cuts_off_a_query_the_host_never_answers(
-    backend: str, driver: str, caplog: pytest.LogCaptureFixture
+    backend: str, driver: str
 ) -> None:
     """A pooled connection whose host goes silent: the check's ``SELECT 1``
     is cut off when the timeout passes (its socket shut down from outside),
