@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import typing as t
 import urllib.error
@@ -129,3 +130,77 @@ def wait_until_ready(
         except OSError:  # not listening yet, or no worker booted yet
             time.sleep(0.1)
     pytest.fail(f"{name} did not answer within 15 s:\n{log.read_text()}")
+
+
+class SilentHost:
+    """A TCP server on 127.0.0.1 that accepts connections and never answers
+    them: a database host that hangs. After :meth:`answer`, the connections
+    it accepts are forwarded to a real server, while those it already holds
+    stay silent; :meth:`freeze` silences the forwarded ones too. Leaving the
+    block closes every socket, which ends whatever still waits on one."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)
+        self.port = int(self._listener.getsockname()[1])
+        self.accepted = 0
+        self._target: tuple[str, int] | None = None
+        self._sockets: list[socket.socket] = []
+        self._frozen: list[threading.Event] = []
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._stopped = threading.Event()
+
+    def __enter__(self) -> SilentHost:
+        self._threads[0].start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stopped.set()
+        self._threads[0].join(timeout=5)  # no socket is added from now on
+        for sock in [self._listener, *self._sockets]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        for thread in self._threads[1:]:
+            thread.join(timeout=5)
+
+    def answer(self, host: str, port: int) -> None:
+        """Forward the connections accepted from now on to ``host:port``."""
+        self._target = (host, port)
+
+    def freeze(self) -> None:
+        """Stop forwarding on the connections forwarded so far."""
+        for frozen in self._frozen:
+            frozen.set()
+
+    def _accept(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            client.settimeout(None)
+            self.accepted += 1
+            self._sockets.append(client)
+            if self._target is not None:
+                server = socket.create_connection(self._target, timeout=5)
+                server.settimeout(None)
+                self._sockets.append(server)
+                frozen = threading.Event()
+                self._frozen.append(frozen)
+                for pair in ((client, server), (server, client)):
+                    thread = threading.Thread(
+                        target=self._forward, args=(*pair, frozen), daemon=True
+                    )
+                    self._threads.append(thread)
+                    thread.start()
+
+    @staticmethod
+    def _forward(
+        source: socket.socket, sink: socket.socket, frozen: threading.Event
+    ) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if not frozen.is_set():
+                    sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)

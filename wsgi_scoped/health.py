@@ -4,12 +4,18 @@ state, as JSON with 200 or 503."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import logging
+import math
+import os
+import socket
+import threading
 import time
 import typing as t
 
 from sqlalchemy import Engine
+from sqlalchemy import event
 from sqlalchemy import text
 from sqlalchemy.orm import scoped_session
 
@@ -21,16 +27,98 @@ if t.TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: Drivers whose connection attempts the check thread can bound. libpq's
+#: ``connect_timeout`` covers the whole handshake (at least 2 s); without it
+#: psycopg 3 waits 130 s and psycopg2 until TCP gives up. PyMySQL's covers
+#: only the TCP connect: the handshake is read under ``read_timeout``.
+_BOUNDED_CONNECT_DRIVERS = {"psycopg", "psycopg2", "pymysql"}
+
+#: Set in the check thread: the connect timeout its new connections get.
+_checking = threading.local()
+
+
+class _CutOff(Exception):
+    """The check was cut off, its timeout passed, before it could query."""
+
+
+class _Check:
+    """One ``SELECT 1`` in the check thread, and the means to cut it off:
+    the socket of its connection, shut down from outside."""
+
+    def __init__(
+        self,
+        executor: concurrent.futures.ThreadPoolExecutor,
+        select_one: t.Callable[[_Check], float],
+    ) -> None:
+        self.started = time.monotonic()
+        self.cut = False
+        self.lock = threading.Lock()
+        # A duplicate of the driver's socket: its number cannot be reused by
+        # another connection while we may still shut it down.
+        self.socket: socket.socket | None = None
+        self.future = executor.submit(select_one, self)
+
+    def attach(self, dbapi_connection: t.Any) -> None:
+        """Note the connection's socket, unless the check was cut off."""
+        with self.lock:
+            if self.cut:
+                raise _CutOff
+            fileno = _fileno(dbapi_connection)
+            if fileno is not None:
+                self.socket = socket.socket(fileno=os.dup(fileno))
+
+    def detach(self) -> bool:
+        """Forget the socket; whether the check was cut off."""
+        with self.lock:
+            if self.socket is not None:
+                self.socket.close()
+                self.socket = None
+            return self.cut
+
+    def cut_off(self) -> None:
+        with self.lock:
+            self.cut = True
+            if self.socket is not None:
+                with contextlib.suppress(OSError):  # already disconnected
+                    self.socket.shutdown(socket.SHUT_RDWR)
+
+
+def _fileno(dbapi_connection: t.Any) -> int | None:
+    """The socket of a psycopg, psycopg2 or PyMySQL connection, else None."""
+    owner = getattr(dbapi_connection, "_sock", dbapi_connection)  # PyMySQL
+    fileno = getattr(owner, "fileno", None)
+    return fileno() if callable(fileno) else None
+
+
+def _limit_connect_time(
+    dialect: t.Any, record: t.Any, cargs: t.Any, cparams: dict[str, t.Any]
+) -> t.Any:
+    """Bound the connection attempts of the check thread."""
+    seconds = getattr(_checking, "connect_timeout", None)
+    if seconds is None:
+        return None
+    if dialect.driver != "pymysql":
+        cparams["connect_timeout"] = seconds
+        return None
+    connection = dialect.connect(*cargs, **{**cparams, "read_timeout": seconds})
+    # The pool hands the connection to requests next: PyMySQL applies the
+    # configured read timeout again on its next read.
+    connection._read_timeout = cparams.get("read_timeout")
+    return connection
+
 
 class HealthCheck:
     """Answer whether the database answers: mount it at ``/healthz`` for a
     load balancer or an orchestrator's probe.
 
-    Each ``GET`` runs ``SELECT 1`` on a pooled connection in a worker thread
-    and waits at most ``timeout`` seconds, so a hung database or an exhausted
-    pool cannot hang the probe. While an earlier check is still stuck, later
-    ones answer 503 at once instead of piling up. The JSON body names the
-    error's class only; the error itself is logged.
+    Each ``GET`` runs ``SELECT 1`` on a pooled connection in one worker
+    thread and waits at most ``timeout`` seconds, so a hung database or an
+    exhausted pool cannot hang the probe. Probes that arrive while a check
+    runs share its answer. A check older than ``timeout`` is stuck: it is cut
+    off (its connection's socket shut down, the connection invalidated), and
+    later probes answer 503 at once until it has ended; its connection
+    attempts are bounded too (psycopg, psycopg2, PyMySQL). The JSON body
+    names the error's class only; the error itself is logged.
 
     .. code-block:: json
 
@@ -40,7 +128,8 @@ class HealthCheck:
 
     :param database: a :class:`Database`, a ``scoped_session`` bound to an
         engine, or an :class:`~sqlalchemy.Engine`.
-    :param timeout: seconds to wait for the answer.
+    :param timeout: seconds to wait for the answer; the check thread's
+        connection attempts get this, rounded up to at least 2 s.
     :raises TypeError: if no engine can be found in ``database``.
     :raises ValueError: if ``timeout`` is not a positive number.
 
@@ -61,7 +150,13 @@ class HealthCheck:
             )
         self.timeout = timeout
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._running: concurrent.futures.Future[float] | None = None
+        self._lock = threading.Lock()
+        self._running: _Check | None = None
+        self._connect_timeout: int | None = None
+        if self.engine.dialect.driver in _BOUNDED_CONNECT_DRIVERS:
+            self._connect_timeout = max(2, math.ceil(timeout))
+            if not event.contains(self.engine, "do_connect", _limit_connect_time):
+                event.listen(self.engine, "do_connect", _limit_connect_time)
 
     def __call__(
         self, environ: WSGIEnvironment, start_response: StartResponse
@@ -69,7 +164,7 @@ class HealthCheck:
         if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
             start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
             return [b""]
-        database = self._check(environ)
+        database = self._check()
         report = {
             "status": "ok" if database["ok"] else "unavailable",
             "database": database,
@@ -87,28 +182,48 @@ class HealthCheck:
         )
         return [b""] if environ["REQUEST_METHOD"] == "HEAD" else [body]
 
-    def _check(self, environ: WSGIEnvironment) -> dict[str, t.Any]:
-        if self._running is not None and not self._running.done():
-            return {"ok": False, "seconds": None, "error": "PreviousCheckStillRunning"}
+    def _check(self) -> dict[str, t.Any]:
+        with self._lock:
+            check = self._running
+            if check is None or check.future.done():
+                check = self._running = self._start()
+            elif time.monotonic() - check.started > self.timeout:
+                check.cut_off()
+                return self._failed("PreviousCheckStillRunning")
+        try:
+            seconds = check.future.result(timeout=self.timeout)
+        except concurrent.futures.TimeoutError:
+            check.cut_off()
+            logger.warning("The database did not answer within %s s", self.timeout)
+            return self._failed("Timeout")
+        except Exception as error:
+            if check.cut:  # ended by the cut-off, which the first probe logged
+                return self._failed("Timeout")
+            logger.warning("The database health check failed", exc_info=True)
+            return self._failed(type(error).__name__)
+        return {"ok": True, "seconds": round(seconds, 4), "error": None}
+
+    @staticmethod
+    def _failed(error: str) -> dict[str, t.Any]:
+        return {"ok": False, "seconds": None, "error": error}
+
+    def _start(self) -> _Check:
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="wsgi_scoped-health"
             )
-        self._running = self._executor.submit(self._select_one)
-        try:
-            seconds = self._running.result(timeout=self.timeout)
-        except concurrent.futures.TimeoutError:
-            logger.warning("The database did not answer within %s s", self.timeout)
-            return {"ok": False, "seconds": None, "error": "Timeout"}
-        except Exception as error:
-            logger.warning("The database health check failed", exc_info=True)
-            return {"ok": False, "seconds": None, "error": type(error).__name__}
-        return {"ok": True, "seconds": round(seconds, 4), "error": None}
+        return _Check(self._executor, self._select_one)
 
-    def _select_one(self) -> float:
+    def _select_one(self, check: _Check) -> float:
         start = time.perf_counter()
+        _checking.connect_timeout = self._connect_timeout
         with self.engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
+            check.attach(connection.connection.dbapi_connection)
+            try:
+                connection.execute(text("SELECT 1"))
+            finally:
+                if check.detach():  # a socket we shut down is not pooled again
+                    connection.invalidate()
         return time.perf_counter() - start
 
     def _pool(self) -> dict[str, t.Any]:
