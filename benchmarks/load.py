@@ -5,7 +5,7 @@ with the request's session ended by wsgi_scoped, a hand-written
 Session.remove)`` or Flask-SQLAlchemy.
 
     python benchmarks/load.py [--duration 10] [--connections 64] [--quick]
-                              [--rounds 2] [--url URL] [--rst]
+                              [--rounds 2] [--url URL] [--rst] [--slow-only]
 
 1.  Throughput: per round, each variant in turn (the order reversed every
     round) gets a fresh server; N keep-alive connections drive
@@ -18,7 +18,8 @@ Session.remove)`` or Flask-SQLAlchemy.
     connections drive ``GET /item/<id>``; ``pool_size=2, max_overflow=0,
     pool_timeout=5`` per worker. Also run: ``closing_iterator``, which ends
     the session after the body is sent (the control), and wsgi_scoped
-    around a Flask application, without and with ``commit=True``.
+    around a Flask application, wired by hand and with ``init_app``, without
+    and with ``commit=True``.
 
 Measured, for the requests answered in the last ``--duration`` seconds:
 requests/s, p50/p99 latency (request sent to response read), errors
@@ -724,6 +725,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="3 s runs")
     parser.add_argument("--url", default=os.environ.get("LOAD_DATABASE_URL", URL))
     parser.add_argument("--rst", action="store_true", help="reST tables")
+    parser.add_argument(
+        "--slow-only", action="store_true", help="only the slow-client runs"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.duration = 3.0
@@ -732,12 +736,14 @@ def main(argv: list[str] | None = None) -> None:
     context = multiprocessing.get_context("spawn")
     try:
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-            runs = throughput(args, engine, pool)
+            runs = {} if args.slow_only else throughput(args, engine, pool)
             slow = slow_clients(args, engine, pool)
-        lines = header(args, engine)
+        lines = header(args, engine)[: 1 if args.slow_only else None]
     finally:
         load_apps.Base.metadata.drop_all(engine)
-    lines += ["", *table(THROUGHPUT_HEADERS, throughput_rows(runs), args.rst), ""]
+    if runs:
+        rows = throughput_rows(runs)
+        lines += ["", *table(THROUGHPUT_HEADERS, rows, args.rst), ""]
     size = len(json.dumps(load_apps.make_rows())) / 1e6
     lines.append(
         f"Slow clients: {SLOW_CLIENTS} connections read GET /big"

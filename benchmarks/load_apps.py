@@ -12,6 +12,8 @@ handlers, several ways of ending the request's session.
 -   ``flask_wsgi_scoped``, ``flask_wsgi_scoped_commit``: the Flask views on
     ``db()``, with ``app.wsgi_app = db.middleware(app.wsgi_app)``, without
     and with ``commit=True``.
+-   ``flask_init_app``, ``flask_init_app_commit``: the same views wired with
+    ``wsgi_scoped.flask.init_app(app, db)``, without and with ``commit=True``.
 
 Endpoints: ``GET /item/<id>`` (one SELECT by primary key, about 1 KB of
 JSON), ``POST /event`` (one INSERT, committed), ``GET /big`` (every row,
@@ -43,9 +45,14 @@ App = t.Callable[[dict[str, t.Any], t.Callable[..., t.Any]], t.Iterable[bytes]]
 
 URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 VARIANTS = ("wsgi_scoped", "try_finally", "closing_iterator", "flask_sqlalchemy")
-#: wsgi_scoped around a Flask application, without and with commit=True
-#: (examples/flask_app.py uses commit=True).
-FLASK_VARIANTS = ("flask_wsgi_scoped", "flask_wsgi_scoped_commit")
+#: wsgi_scoped around a Flask application, wired by hand and with init_app,
+#: without and with commit=True (examples/flask_app.py: init_app, commit=True).
+FLASK_VARIANTS = (
+    "flask_wsgi_scoped",
+    "flask_wsgi_scoped_commit",
+    "flask_init_app",
+    "flask_init_app_commit",
+)
 ALL_VARIANTS = VARIANTS + FLASK_VARIANTS
 #: Rows in the items table; ``/big`` returns all of them (about 2 MB).
 ROWS = 2000
@@ -216,13 +223,17 @@ def create_app(
         flask.config["SQLALCHEMY_ENGINE_OPTIONS"] = options
         fsa = SQLAlchemy(flask)
         return flask
-    if variant in ("flask_wsgi_scoped", "flask_wsgi_scoped_commit"):
+    if variant in FLASK_VARIANTS:
         from wsgi_scoped import Database
+        from wsgi_scoped.flask import init_app
 
         db = Database(url, **options)
         commit = variant.endswith("_commit")
         flask = _flask_app(db, commits=not commit)
-        flask.wsgi_app = db.middleware(flask.wsgi_app, commit=commit)
+        if variant.startswith("flask_init_app"):
+            init_app(flask, db, commit=commit)
+        else:
+            flask.wsgi_app = db.middleware(flask.wsgi_app, commit=commit)
         return flask
     raise ValueError(f"'variant' must be one of {ALL_VARIANTS!r}, got {variant!r}.")
 

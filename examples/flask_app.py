@@ -17,6 +17,7 @@ from sqlalchemy.orm import mapped_column
 from werkzeug.exceptions import HTTPException
 
 from wsgi_scoped import Database
+from wsgi_scoped.flask import init_app
 
 db = Database(os.environ.get("DATABASE_URL", "sqlite:///flask_notes.sqlite3"))
 
@@ -37,7 +38,7 @@ class Lookup(Base):  # one per GET /notes/<id>: kept for a 200, not for a 404
 
 Base.metadata.create_all(db.engine)  # the engine: outside a request, no db()
 app = Flask(__name__)
-app.wsgi_app = db.middleware(app.wsgi_app, commit=True)  # commits before the status
+init_app(app, db, commit=True)  # commits before the status; ends sessions early
 
 
 @app.get("/notes")

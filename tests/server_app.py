@@ -16,6 +16,10 @@ servers (gunicorn, waitress), configured by environment variables:
 ``SERVER_APP_COMMIT=0``
     The middleware's ``commit=False``, where the handlers commit their own
     work; by default ``commit=True``.
+``SERVER_APP_FLASK=init_app`` or ``SERVER_APP_FLASK=wsgi_app``
+    Serve ``/big`` and ``POST /items`` from a Flask application instead,
+    wired with ``wsgi_scoped.flask.init_app`` or with ``app.wsgi_app =
+    db.middleware(app.wsgi_app)``.
 ``SERVER_APP_REPORT_IMPORT=1``
     Query ``pg_backend_pid()`` on ``db.engine`` at import and print it with
     the process id, so that under ``gunicorn --preload`` the master holds a
@@ -166,6 +170,12 @@ def handler(
                 ("Content-Length", str(len(chunk) * chunks)),
             ],
         )
+        if "object" in query:
+            # A Django-style response object, declared rendered or not.
+            body = _ResponseObject([chunk] * chunks)
+            if query["object"] == "rendered":
+                environ["wsgi_scoped.rendered"] = body
+            return body
         return [chunk] * chunks
     if path == "/pid":
         backend = db().scalar(text("SELECT pg_backend_pid()"))
@@ -175,7 +185,52 @@ def handler(
     return _json(start_response, "404 Not Found", {"error": f"No route {path!r}"})
 
 
-scoped = db.middleware(handler, commit=COMMIT)
+class _ResponseObject:
+    """A rendered response that is its own body, as Django's is: lazy in
+    the middleware's eyes."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    def __iter__(self) -> t.Iterator[bytes]:
+        return iter(self.chunks)
+
+    def close(self) -> None:
+        self.chunks = []
+
+
+def _flask_app(wiring: str) -> t.Any:
+    """``/big`` and ``POST /items`` as Flask views: rendered responses."""
+    from flask import Flask
+    from flask import Response
+    from flask import request
+
+    from wsgi_scoped.flask import init_app
+
+    flask = Flask(__name__)
+
+    @flask.get("/big")
+    def big() -> Response:
+        db().execute(text("SELECT 1"))  # a read: under commit=False, no commit
+        size = int(request.args.get("mb", "8")) * 1024 * 1024
+        return Response(b"b" * size, mimetype="application/octet-stream")
+
+    @flask.post("/items")
+    def items() -> tuple[dict[str, int], int]:
+        item = _insert("post", request.args.get("tag"))
+        if not COMMIT:
+            db().commit()
+        return {"id": item}, 201
+
+    if wiring == "init_app":
+        init_app(flask, db, commit=COMMIT)
+    else:
+        flask.wsgi_app = db.middleware(flask.wsgi_app, commit=COMMIT)  # type: ignore[method-assign]
+    return flask
+
+
+FLASK = os.environ.get("SERVER_APP_FLASK")
+scoped = _flask_app(FLASK) if FLASK else db.middleware(handler, commit=COMMIT)
 
 
 def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Iterable[bytes]:

@@ -15,6 +15,7 @@ def test_all_lists_exactly_the_public_names() -> None:
     modules = {
         "database",
         "exceptions",
+        "flask",
         "health",
         "middleware",
         "observe",

@@ -587,39 +587,10 @@ def test_slow_readers_of_materialized_bodies_hold_no_connection(
         "SERVER_APP_POOL_TIMEOUT": "3",
         "SERVER_APP_COMMIT": commit,
     }
-    stop = threading.Event()
-
-    def read_slowly(sock: socket.socket) -> tuple[int, bool]:
-        """Read 4 KiB every 50 ms until told to stop; return the bytes read
-        and whether the body ended."""
-        received = 0
-        while not stop.is_set():
-            chunk = sock.recv(4096)
-            if not chunk:
-                return received, True
-            received += len(chunk)
-            stop.wait(0.05)
-        return received, False
-
     with serve(setup, target, tmp_path, options=options) as server:
-        socks: list[socket.socket] = []
-        try:
-            for _ in range(6):
-                sock, status = open_response(server, "/big?mb=32", rcvbuf=8192)
-                socks.append(sock)
-                assert status == b"HTTP/1.1 200 OK"
-            with concurrent.futures.ThreadPoolExecutor(6) as readers:
-                reading = [readers.submit(read_slowly, sock) for sock in socks]
-                try:
-                    assert pools(server, workers=1) == {server_pid(server): 0}
-                    assert target.idle_in_transaction() == 0
-                    results = load(server, [("POST", "/items?tag=fast")] * 30, 4)
-                finally:
-                    stop.set()
-                read = [future.result() for future in reading]
-        finally:
-            for sock in socks:
-                hang_up(sock, reset=True)
+        results, read = beside_slow_readers(
+            server, target, "/big?mb=32", [("POST", "/items?tag=fast")] * 30
+        )
         seconds = sorted(result.seconds for result in results)
         median = statistics.median(seconds)
         print(
@@ -635,6 +606,89 @@ def test_slow_readers_of_materialized_bodies_hold_no_connection(
         assert_settled(target, server, workers=1)
         assert target.rows("fast") == 30
     assert_clean_log(server)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize(
+    ("app", "commit", "path"),
+    [
+        pytest.param("init_app", "0", "/big?mb=24", id="flask init_app, commit=False"),
+        pytest.param("init_app", "1", "/big?mb=24", id="flask init_app, commit=True"),
+        pytest.param(
+            "", "0", "/big?mb=24&object=rendered", id="response object, rendered"
+        ),
+    ],
+)
+def test_slow_readers_of_rendered_lazy_bodies_hold_no_connection(
+    app: str, commit: str, path: str, target: Target, tmp_path: Path
+) -> None:
+    """The slow-client scenario of #11 for bodies that are lazy iterables but
+    already rendered: a 24 MB Flask response wired with ``init_app``, and a
+    Django-style response object announced in ``wsgi_scoped.rendered``. 8
+    gthread threads, a pool of 2 (``pool_timeout`` 3 s), six slow readers:
+    no connection is held while they read, and 12 fast writes all succeed.
+    (Wired with ``app.wsgi_app = db.middleware(app.wsgi_app)``, or with the
+    object not announced, the readers hold both connections.)"""
+    setup = dataclasses.replace(GTHREAD, workers=1, threads=8)
+    options = {
+        "SERVER_APP_POOL_SIZE": "2",
+        "SERVER_APP_MAX_OVERFLOW": "0",
+        "SERVER_APP_POOL_TIMEOUT": "3",
+        "SERVER_APP_COMMIT": commit,
+        "SERVER_APP_FLASK": app,
+    }
+    if app:
+        pytest.importorskip("flask", reason="Flask is not installed")
+    with serve(setup, target, tmp_path, options=options) as server:
+        results, read = beside_slow_readers(
+            server, target, path, [("POST", "/items?tag=fast")] * 12
+        )
+        assert failures(results, expected=201) == []
+        assert not any(done for _, done in read), read
+        assert_settled(target, server, workers=1)
+        assert target.rows("fast") == 12
+    assert_clean_log(server)
+
+
+def beside_slow_readers(
+    server: Server, target: Target, path: str, requests: list[tuple[str, str]]
+) -> tuple[list[Result], list[tuple[int, bool]]]:
+    """Six clients start reading ``GET path`` very slowly (4 KiB every 50 ms
+    through an 8 KiB window); while they read, check that the one worker
+    has no connection checked out and none idle in a transaction, then send
+    ``requests`` from 4 other clients. Return their results and, for each
+    slow reader, the bytes it had read and whether its body had ended."""
+    stop = threading.Event()
+
+    def read_slowly(sock: socket.socket) -> tuple[int, bool]:
+        received = 0
+        while not stop.is_set():
+            chunk = sock.recv(4096)
+            if not chunk:
+                return received, True
+            received += len(chunk)
+            stop.wait(0.05)
+        return received, False
+
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(6):
+            sock, status = open_response(server, path, rcvbuf=8192)
+            socks.append(sock)
+            assert status == b"HTTP/1.1 200 OK"
+        with concurrent.futures.ThreadPoolExecutor(6) as readers:
+            reading = [readers.submit(read_slowly, sock) for sock in socks]
+            try:
+                assert pools(server, workers=1) == {server_pid(server): 0}
+                assert target.idle_in_transaction() == 0
+                results = load(server, requests, 4)
+            finally:
+                stop.set()
+            read = [future.result() for future in reading]
+    finally:
+        for sock in socks:
+            hang_up(sock, reset=True)
+    return results, read
 
 
 def server_pid(server: Server) -> int:

@@ -54,6 +54,8 @@ _ATTEMPT = "wsgi_scoped.attempt"
 _SESSION = "wsgi_scoped.session"
 #: Environ key holding the layers that own the registries in ``_ACTIVE``.
 _LAYERS = "wsgi_scoped.layers"
+#: Environ key of a lazy body that its application declares already rendered.
+_RENDERED = "wsgi_scoped.rendered"
 
 _UNUSABLE = (
     "The application {app!r} returned {body!r}, which is not a response body:"
@@ -102,10 +104,11 @@ class ScopedSessionMiddleware:
     ``registry``, ended (rolled back if still open, closed, its connection
     back in the pool) when the response ends, on every path.
 
-    -   A list, tuple or ``wsgi.file_wrapper`` body is already produced: the
-        session is ended before this middleware returns, so the connection
-        is free before the first byte goes to a slow client. The body is
-        returned unchanged.
+    -   A list, tuple or ``wsgi.file_wrapper`` body is already produced, as
+        is a body the application put in ``environ["wsgi_scoped.rendered"]``
+        (as :func:`wsgi_scoped.flask.init_app` does): the session is ended
+        before this middleware returns, so the connection is free before the
+        first byte goes to a slow client. The body is returned unchanged.
     -   Any other body is produced lazily: the session stays current while
         the server iterates it, and is ended in ``close()``, after the
         body's own ``close()``.
@@ -404,8 +407,9 @@ class _ScopedBody:
 def _is_materialized(
     body: t.Iterable[bytes], environ: WSGIEnvironment, app: WSGIApplication
 ) -> bool:
-    """A list, tuple or the server's file wrapper: nothing left for the
-    session to produce. Refuse what is no body at all, before any commit."""
+    """A list, tuple or the server's file wrapper, or the very body that the
+    application declared rendered: nothing left for the session to produce.
+    Refuse what is no body at all, before any commit."""
     if type(body) is list or type(body) is tuple:
         return True
     wrapper = environ.get("wsgi.file_wrapper")
@@ -413,7 +417,8 @@ def _is_materialized(
         return True
     if body is None or isinstance(body, (str, bytes)) or not hasattr(body, "__iter__"):
         raise TypeError(_UNUSABLE.format(app=app, body=reprlib.repr(body)))
-    return False
+    # By identity: a layer in between that wraps the body voids the claim.
+    return environ.get(_RENDERED) is body
 
 
 def _pool_exhausted(error: BaseException) -> bool:
