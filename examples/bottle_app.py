@@ -6,9 +6,11 @@ the status line, or rolls back a 4xx/5xx: Bottle makes error pages of ``abort()`
 and of unexpected exceptions (500), so the middleware sees the status sent.
 """
 
+import json
 import os
 
 from bottle import Bottle
+from bottle import HTTPError
 from bottle import abort
 from bottle import request
 from bottle import response
@@ -41,6 +43,14 @@ class Lookup(Base):  # one per GET /notes/<id>: kept for a 200, not for a 404
 Base.metadata.create_all(db.engine)  # the engine: outside a request, no db()
 notes = Bottle()
 app = db.middleware(notes, commit=True)  # serve this, not ``notes``
+
+
+def json_error(error: HTTPError) -> str:  # in place of Bottle's HTML page
+    response.content_type = "application/json"
+    return json.dumps({"error": error.body})
+
+
+notes.default_error_handler = json_error
 
 
 @notes.get("/notes")

@@ -1,15 +1,14 @@
 """Pyramid, with wsgi_scoped in place of pyramid_tm and zope.sqlalchemy.
 
 ``python examples/pyramid_app.py``: 127.0.0.1:``$PORT`` (8000), ``$DATABASE_URL``
-(``pyramid_notes.sqlite3``). Views never commit; the middleware rolls back 4xx/5xx.
-"""
+(``pyramid_notes.sqlite3``). Views never commit; the middleware rolls back 4xx/5xx."""
 
+import logging
 import os
 from wsgiref.simple_server import make_server
 
+from pyramid import httpexceptions as http
 from pyramid.config import Configurator
-from pyramid.httpexceptions import HTTPBadRequest
-from pyramid.httpexceptions import HTTPNotFound
 from pyramid.view import view_config
 from sqlalchemy import String
 from sqlalchemy import select
@@ -44,9 +43,12 @@ def list_notes(request):
 
 @view_config(route_name="notes", request_method="POST", renderer="json")
 def create_note(request):
-    text = request.json_body.get("text")
+    try:
+        text = request.json_body.get("text")
+    except (ValueError, AttributeError):  # not JSON, not an object: 400, not 500
+        text = None
     if not isinstance(text, str) or not text.strip():
-        raise HTTPBadRequest("'text' must be a non-blank string.")
+        raise http.HTTPBadRequest("'text' must be a non-blank string.")
     note = Note(text=text)
     db().add(note)
     db().flush()  # for the id; the middleware commits
@@ -59,14 +61,18 @@ def get_note(request):
     db().add(Lookup(path=request.path))
     note = db().get(Note, int(request.matchdict["id"]))  # flushes the Lookup first
     if note is None:
-        raise HTTPNotFound()  # the middleware rolls the Lookup back
+        raise http.HTTPNotFound(f"No note {request.matchdict['id']}.")  # rolled back
     return {"id": note.id, "text": note.text}
 
 
-@view_config(context=Exception, renderer="json")  # HTTPExceptions have their own
-def failed(exc, request):  # config.include("pyramid_exclog") would log exc
-    request.response.status_int = 500  # a 2xx here would commit
-    return {"error": "Internal Server Error"}
+@view_config(context=http.HTTPException, renderer="json")  # Pyramid's are HTML
+@view_config(context=Exception, renderer="json")
+def failed(exc, request):  # a 4xx or 5xx status (a 2xx would commit)
+    if not isinstance(exc, http.HTTPException):  # a bug: log it, answer 500
+        logging.getLogger(__name__).error("%s failed", request.path, exc_info=exc)
+        exc = http.HTTPInternalServerError()
+    request.response.status = exc.status  # a router's 404 details only the path
+    return {"error": request.matched_route and exc.detail or exc.title}
 
 
 Base.metadata.create_all(db.engine)  # the engine: outside a request, no db()

@@ -10,7 +10,9 @@ by default ``todos.sqlite3`` in the current directory, shared by all workers.
     ``/todos/<id>``. ``PUT`` gets 405: as a partial update it would mislead.
 -   ``GET /todos.ndjson``: one JSON line per todo, from a generator that
     queries through ``db()`` while the server sends it.
--   Errors: ``{"error": "..."}`` with 400, 404, 405 (and ``Allow``) or 413.
+-   ``HEAD`` answers like ``GET``, without the body. Request bodies may be sent
+    chunked to a server that decodes them (waitress, gunicorn).
+-   Errors: ``{"error": "..."}`` with 400, 404, 405 (and ``Allow``), 411 or 413.
 """
 
 from __future__ import annotations
@@ -78,6 +80,10 @@ _ITEM = re.compile(r"/todos/([0-9]{1,18})")  # longer ids overflow SQLite
 
 def api(environ: WSGIEnvironment, start_response: StartResponse) -> t.Iterable[bytes]:
     """The todo API, without session handling: wrap it with ``db.middleware``."""
+    if environ["REQUEST_METHOD"] == "HEAD":  # GET's status and headers, no body
+        body = api({**environ, "REQUEST_METHOD": "GET"}, start_response)
+        getattr(body, "close", lambda: None)()  # a stream never starts its query
+        return []
     try:
         return _dispatch(environ, start_response)
     except HTTPError as e:
@@ -89,11 +95,11 @@ def _dispatch(
 ) -> t.Iterable[bytes]:
     path, method = environ.get("PATH_INFO", ""), environ["REQUEST_METHOD"]
     if path == "/todos.ndjson":
-        _allow(method, "GET")
+        _allow(method, "GET", "HEAD")
         start_response("200 OK", [("Content-Type", "application/x-ndjson")])
         return _stream_todos()  # lazy: its queries run while the server sends it
     if path == "/todos":
-        _allow(method, "GET", "POST")
+        _allow(method, "GET", "HEAD", "POST")
         if method == "GET":
             todos = db().scalars(select(Todo).order_by(Todo.id))
             return _json(start_response, "200 OK", [todo.to_json() for todo in todos])
@@ -105,7 +111,7 @@ def _dispatch(
     match = _ITEM.fullmatch(path)
     if match is None:
         raise HTTPError(f"No route for {path!r}.", "404 Not Found")
-    _allow(method, "GET", "PATCH", "DELETE")
+    _allow(method, "GET", "HEAD", "PATCH", "DELETE")
     todo = db().get(Todo, int(match[1]))
     if todo is None:
         raise HTTPError(f"No todo with id {match[1]}.", "404 Not Found")
@@ -137,13 +143,8 @@ def _allow(method: str, *allowed: str) -> None:
 
 def _read_todo(environ: WSGIEnvironment, partial: bool) -> dict[str, t.Any]:
     """Return the validated fields of the JSON object in the request body."""
-    length = environ.get("CONTENT_LENGTH") or "0"
-    if not (length.isascii() and length.isdigit()):
-        raise HTTPError(f"Invalid Content-Length {length!r}.")
-    if int(length) > MAX_BODY_SIZE:
-        raise HTTPError(f"Body over {MAX_BODY_SIZE} bytes.", "413 Content Too Large")
     try:
-        data = json.loads(environ["wsgi.input"].read(int(length)))
+        data = json.loads(_read_body(environ))
     except ValueError:
         raise HTTPError("The body is not valid JSON.") from None
     if not isinstance(data, dict):
@@ -157,6 +158,30 @@ def _read_todo(environ: WSGIEnvironment, partial: bool) -> dict[str, t.Any]:
     if not isinstance(data.get("done", False), bool):
         raise HTTPError("'done' must be true or false.")
     return data
+
+
+def _read_body(environ: WSGIEnvironment) -> bytes:
+    """Return the request body, of at most ``MAX_BODY_SIZE`` bytes."""
+    too_large = HTTPError(f"Body over {MAX_BODY_SIZE} bytes.", "413 Content Too Large")
+    length = environ.get("CONTENT_LENGTH") or ""
+    if length and not (length.isascii() and length.isdigit()):
+        raise HTTPError(f"Invalid Content-Length {length!r}.")
+    if length:
+        if int(length) > MAX_BODY_SIZE:
+            raise too_large
+        return t.cast("bytes", environ["wsgi.input"].read(int(length)))
+    if environ.get("wsgi.input_terminated"):  # a chunked body the server decoded
+        body = environ["wsgi.input"].read(MAX_BODY_SIZE + 1)  # to its end, or past
+        if len(body) > MAX_BODY_SIZE:
+            raise too_large
+        return t.cast("bytes", body)
+    if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        raise HTTPError(
+            "This server does not decode chunked request bodies: send a"
+            " Content-Length, or serve the app with waitress or gunicorn.",
+            "411 Length Required",
+        )
+    return b""
 
 
 def _json(
@@ -174,12 +199,18 @@ def _json(
 app = db.middleware(api)
 
 if __name__ == "__main__":
-    from wsgiref.simple_server import make_server
-
     port = int(os.environ.get("PORT", "8000"))
-    with make_server("127.0.0.1", port, app) as server:
-        print(f"Serving on http://127.0.0.1:{port}/todos; press Ctrl+C to stop.")
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
+    print(f"Serving on http://127.0.0.1:{port}/todos; press Ctrl+C to stop.")
+    try:
+        # waitress decodes chunked request bodies; wsgiref answers them 411.
+        from waitress import serve
+    except ImportError:
+        from wsgiref.simple_server import make_server
+
+        with make_server("127.0.0.1", port, app) as server:
+            try:
+                server.serve_forever()
+            except KeyboardInterrupt:
+                pass
+    else:
+        serve(app, host="127.0.0.1", port=port)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import sys
@@ -314,12 +315,11 @@ def test_unknown_path_is_404(client: CheckedTestApp, path: str) -> None:
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
     [
-        pytest.param("PUT", "/todos", "GET, POST", id="PUT list"),
-        pytest.param("DELETE", "/todos", "GET, POST", id="DELETE list"),
-        pytest.param("PUT", "/todos/1", "GET, PATCH, DELETE", id="PUT item"),
-        pytest.param("POST", "/todos/1", "GET, PATCH, DELETE", id="POST item"),
-        pytest.param("POST", "/todos.ndjson", "GET", id="POST stream"),
-        pytest.param("HEAD", "/todos", "GET, POST", id="HEAD list"),
+        pytest.param("PUT", "/todos", "GET, HEAD, POST", id="PUT list"),
+        pytest.param("DELETE", "/todos", "GET, HEAD, POST", id="DELETE list"),
+        pytest.param("PUT", "/todos/1", "GET, HEAD, PATCH, DELETE", id="PUT item"),
+        pytest.param("POST", "/todos/1", "GET, HEAD, PATCH, DELETE", id="POST item"),
+        pytest.param("POST", "/todos.ndjson", "GET, HEAD", id="POST stream"),
     ],
 )
 def test_wrong_method_is_405_with_allow(
@@ -335,6 +335,166 @@ def test_wrong_method_is_405_with_allow(
     assert res.content_type == "application/json"
     assert res.json == {"error": f"Use {allow}."}
     assert client.get("/todos").json == [{"id": 1, "title": "exists", "done": False}]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param("/todos", id="list"),
+        pytest.param("/todos/1", id="item"),
+        pytest.param("/todos/2", id="unknown id"),
+        pytest.param("/todos.ndjson", id="stream"),
+        pytest.param("/nowhere", id="unknown path"),
+    ],
+)
+def test_head_answers_like_get_without_a_body(
+    client: CheckedTestApp, path: str
+) -> None:
+    create(client, "exists")
+    get = client.get(path, expect_errors=True)
+    head = client.head(path, expect_errors=True)
+    assert head.status == get.status
+    assert head.body == b""
+    # WebTest adds the length of a body sent without one (the stream).
+    if "Content-Length" not in head.headers:
+        del get.headers["Content-Length"]
+    assert sorted(head.headers.items()) == sorted(get.headers.items())
+
+
+def test_head_of_the_stream_runs_no_query(client: CheckedTestApp) -> None:
+    create(client, "exists")
+    client.head("/todos.ndjson", status=200)
+    assert client.statements == []
+
+
+def chunked_post(
+    client: CheckedTestApp, body: bytes, *, decoded: bool, status: int
+) -> webtest.TestResponse:
+    """POST ``body`` as a server passes a chunked body on: no
+    ``CONTENT_LENGTH``, and ``wsgi.input_terminated`` if it decoded it."""
+    req = webtest.TestRequest.blank("/todos", method="POST", body=body)
+    req.content_type = "application/json"
+    req.environ.pop("CONTENT_LENGTH")
+    req.environ["HTTP_TRANSFER_ENCODING"] = "chunked"
+    if decoded:
+        req.environ["wsgi.input_terminated"] = True
+    return client.do_request(req, status=status)
+
+
+def test_chunked_body_decoded_by_the_server_is_read(client: CheckedTestApp) -> None:
+    res = chunked_post(client, b'{"title": "chunked"}', decoded=True, status=201)
+    assert res.json == {"id": 1, "title": "chunked", "done": False}
+
+
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [pytest.param(0, 201, id="at the limit"), pytest.param(1, 413, id="over it")],
+)
+def test_chunked_body_over_the_limit_is_413(
+    client: CheckedTestApp, todo: ModuleType, extra: int, status: int
+) -> None:
+    body = json.dumps({"title": "limit"}).encode().ljust(todo.MAX_BODY_SIZE + extra)
+    res = chunked_post(client, body, decoded=True, status=status)
+    if status == 413:
+        assert res.json == {"error": f"Body over {todo.MAX_BODY_SIZE} bytes."}
+        assert client.get("/todos").json == []
+
+
+def test_chunked_body_the_server_did_not_decode_is_411(client: CheckedTestApp) -> None:
+    res = chunked_post(client, b'{"title": "chunked"}', decoded=False, status=411)
+    assert "send a Content-Length" in res.json["error"]
+    assert client.get("/todos").json == []
+
+
+def _http(
+    port: int, method: str, path: str, chunks: list[bytes] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One request over a real socket; ``chunks`` are sent chunked, with the
+    head in one write (a server that answers before reading the body, as
+    wsgiref does with a 411, must not make the client's write fail)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        headers, body = {}, None
+        if chunks is not None:
+            headers = {"Content-Type": "application/json"}
+            headers["Transfer-Encoding"] = "chunked"
+            body = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks)
+            body += b"0\r\n\r\n"
+        connection.request(method, path, body=body, headers=headers)
+        res = connection.getresponse()
+        return res.status, dict(res.headers), res.read()
+    finally:
+        connection.close()
+
+
+DEMO_SERVERS = [
+    pytest.param([str(EXAMPLES / "todo.py")], "waitress", id="README demo command"),
+    pytest.param(
+        ["-m", "gunicorn", "--pythonpath", str(EXAMPLES)], "gunicorn", id="gunicorn"
+    ),
+]
+
+
+@pytest.mark.server
+@pytest.mark.parametrize(("args", "server"), DEMO_SERVERS)
+def test_demo_reads_chunked_bodies_and_answers_head_over_http(
+    tmp_path: Path, args: list[str], server: str
+) -> None:
+    """As a new user meets it: ``python examples/todo.py`` (served by waitress,
+    which the ``examples`` extra installs), or gunicorn, on its default SQLite
+    database, gets a JSON body sent chunked and a HEAD request."""
+    pytest.importorskip(server, reason=f"{server} is not installed")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env["PORT"] = str(port)
+    command = [sys.executable, *args]
+    if server == "gunicorn":
+        command += ["-b", f"127.0.0.1:{port}"]
+        if _has_control_socket():
+            command.append("--no-control-socket")
+        command.append("todo:app")
+    log = tmp_path / "server.log"
+    with running(command, cwd=tmp_path, env=env, log=log) as proc:
+        probe = partial(_http, port, "GET", "/todos")
+        assert wait_until_ready(probe, proc, log, server)[0] == 200
+        status, _, body = _http(port, "POST", "/todos", [b'{"title":', b' "milk"}'])
+        assert (status, json.loads(body)["title"]) == (201, "milk"), body
+        status, headers, body = _http(port, "HEAD", "/todos")
+        assert (status, body) == (200, b"")
+        assert headers["Content-Type"] == "application/json"
+        if server == "waitress":  # reads the whole body before calling the app
+            chunks = [b" " * 65536] * 48  # 3 MiB
+            status, _, body = _http(port, "POST", "/todos", chunks)
+            assert status == 413, body
+            assert json.loads(body) == {"error": "Body over 1048576 bytes."}
+        status, _, body = _http(port, "GET", "/todos")
+        assert [todo["title"] for todo in json.loads(body)] == ["milk"]
+    assert (tmp_path / "todos.sqlite3").exists()
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
+@pytest.mark.server
+def test_demo_under_wsgiref_answers_chunked_bodies_411(tmp_path: Path) -> None:
+    """Without waitress the demo falls back to wsgiref, which passes a chunked
+    body on undecoded: the demo says so instead of reading it as empty."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env["PORT"] = str(port)
+    code = "import runpy, sys; sys.modules['waitress'] = None; "
+    code += f"runpy.run_path({str(EXAMPLES / 'todo.py')!r}, run_name='__main__')"
+    log = tmp_path / "server.log"
+    with running([sys.executable, "-c", code], cwd=tmp_path, env=env, log=log) as p:
+        wait_until_ready(partial(_http, port, "GET", "/todos"), p, log, "wsgiref")
+        status, _, body = _http(port, "POST", "/todos", [b'{"title": "milk"}'])
+    assert status == 411, body
+    assert "serve the app with waitress or gunicorn" in json.loads(body)["error"]
+
+
+def _has_control_socket() -> bool:
+    from gunicorn.config import Config
+
+    # gunicorn >= 25 would otherwise open a socket in ~/.gunicorn.
+    return "control_socket_disable" in Config().settings
 
 
 def _request(

@@ -140,6 +140,74 @@ def test_invalid_note_is_400_and_nothing_written(
     assert query(example, "SELECT count(*) FROM notes") == [(0,)]
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"{", id="malformed JSON"),
+        pytest.param(b"\xff", id="not UTF-8"),
+        pytest.param(b"", id="empty"),
+        pytest.param(b'["text"]', id="array"),
+    ],
+)
+def test_body_that_is_no_json_object_is_400_and_nothing_written(
+    client: CheckedTestApp, example: ModuleType, body: bytes
+) -> None:
+    client.post("/notes", body, content_type="application/json", status=400)
+    assert query(example, "SELECT count(*) FROM notes") == [(0,)]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        pytest.param("POST", "/notes", b"{", 400, id="malformed JSON"),
+        pytest.param("POST", "/notes", b"{}", 400, id="invalid note"),
+        pytest.param("GET", "/notes/99", None, 404, id="unknown id"),
+        pytest.param("GET", "/nowhere", None, 404, id="unknown path"),
+    ],
+)
+def test_error_bodies_are_json(
+    client: CheckedTestApp, method: str, path: str, body: bytes | None, status: int
+) -> None:
+    """As the successes are, whatever a client's ``Accept`` header says."""
+    for accept in ("*/*", "text/html,application/xhtml+xml,*/*;q=0.8"):
+        res = client.request(
+            path,
+            method=method,
+            body=body or b"",
+            headers={"Accept": accept, "Content-Type": "application/json"},
+            status=status,
+        )
+        assert res.content_type == "application/json"
+        assert isinstance(res.json, dict) and all(res.json.values()), res.json
+
+
+def test_pyramid_logs_an_unexpected_exception(
+    load_example: t.Callable[[str], ModuleType],
+    database_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its exception view answers 500 itself, so it logs the traceback."""
+    importorskip("pyramid")
+    module = load_example("pyramid_app")
+    client = CheckedTestApp(module)
+    client.post_json("/notes", {"text": "breaks on load"}, status=201)
+
+    def fail(target: object, context: object) -> None:
+        raise RuntimeError("a bug in the handler")
+
+    event.listen(module.Note, "load", fail)
+    try:
+        res = client.get("/notes/1", status=500)
+    finally:
+        event.remove(module.Note, "load", fail)
+    assert res.json == {"error": "Internal Server Error"}
+    (record,) = [r for r in caplog.records if r.name == module.__name__]
+    assert record.levelname == "ERROR"
+    assert record.getMessage() == "/notes/1 failed"
+    assert record.exc_info is not None
+    assert str(record.exc_info[1]) == "a bug in the handler"
+
+
 def test_unexpected_exception_is_500_page_and_rolled_back(
     client: CheckedTestApp, example: ModuleType
 ) -> None:
