@@ -4,10 +4,15 @@ the current thread's main greenlet outside gevent/eventlet.
 
 from __future__ import annotations
 
+import logging
 import sys
+import threading
 import typing as t
 import warnings
+import weakref
 
+from sqlalchemy.orm import Session
+from sqlalchemy.util import ScopedRegistry
 from sqlalchemy.util import ThreadLocalRegistry
 
 from .exceptions import WsgiScopedWarning
@@ -16,6 +21,12 @@ try:
     from greenlet import getcurrent as _current
 except ImportError:  # pragma: no cover - greenlet is optional since SQLAlchemy 2.1
     from threading import get_ident as _current  # type: ignore[assignment]
+
+
+_log = logging.getLogger(__name__)
+
+#: How many sessions a new session checks for a scope that ended.
+_RELEASE_BATCH = 4
 
 
 def get_ident() -> t.Hashable:
@@ -39,6 +50,88 @@ def get_ident() -> t.Hashable:
     .. versionadded:: 0.1
     """
     return _current()
+
+
+class _ThreadScope:
+    """Stands for a thread's main greenlet in a registry's keys. Kept in a
+    ``threading.local``, so freed as the thread ends, before ``join()``
+    returns (greenlet marks a main greenlet dead later, from another thread).
+    """
+
+    __slots__ = ("__weakref__",)
+    dead = False
+
+
+class _ScopeRegistry(ScopedRegistry[Session]):
+    """A ScopedRegistry keyed by the current greenlet, or for a thread's main
+    greenlet by a :class:`_ThreadScope`, through weak references: it never
+    keeps a scope alive, and the session of a scope that ended without
+    ``remove()`` is closed, its connection back in the pool, when the
+    registry next creates a session. ``check()`` runs before every access.
+    """
+
+    __slots__ = ("_pending",)
+
+    def __init__(
+        self, createfunc: t.Callable[[], Session], check: t.Callable[[], None]
+    ) -> None:
+        threads = threading.local()
+
+        def key() -> weakref.ref[t.Any]:
+            check()
+            current = _current()
+            if getattr(current, "parent", None) is not None:
+                return weakref.ref(current)  # a greenlet: gevent, eventlet, by hand
+            try:
+                return weakref.ref(threads.scope)
+            except AttributeError:
+                threads.scope = _ThreadScope()
+                return weakref.ref(threads.scope)
+
+        super().__init__(createfunc, key)
+        #: Keys still to look at for an ended scope (a snapshot of registry).
+        self._pending: list[weakref.ref[t.Any]] = []
+
+    def __call__(self) -> Session:
+        key = self.scopefunc()
+        try:
+            return self.registry[key]  # type: ignore[no-any-return]
+        except KeyError:
+            self._release_ended()
+            return self.registry.setdefault(key, self.createfunc())  # type: ignore[no-any-return]
+
+    def _release_ended(self) -> None:
+        """Close the sessions of scopes that ended (or were freed) without
+        ``remove()``. A few keys per new session, from a snapshot refilled
+        when used up: constant work however many sessions are open, and every
+        one is looked at within ``len(registry) / _RELEASE_BATCH`` new ones.
+        """
+        pending = self._pending
+        if not pending:
+            pending.extend(self.registry)
+        for _ in range(_RELEASE_BATCH):
+            try:
+                key = pending.pop()
+            except IndexError:  # used up, maybe by another thread
+                return
+            scope = key()
+            if scope is None or scope.dead:
+                session = self.registry.pop(key, None)
+                if session is not None:  # not removed meanwhile
+                    _close_orphan(session)
+
+
+def _close_orphan(session: Session) -> None:
+    """Close the session of an ended scope: a failure is logged, since the
+    caller that found it is another request, with work of its own."""
+    try:
+        session.close()
+    except Exception:
+        _log.error(
+            "Closing the session of a thread or greenlet that ended without"
+            " remove() failed",
+            exc_info=True,
+        )
 
 
 def _has_session(sessions: t.Any) -> bool:
