@@ -76,10 +76,6 @@ class Database(scoped_session[Session]):
         app = db.middleware(app)
         db().execute(select(User))  # inside a request
 
-    .. versionchanged:: 0.1
-        Sessions of ended threads and greenlets are closed; forks are
-        detected without at-fork hooks (uWSGI).
-
     .. versionadded:: 0.1
     """
 
@@ -125,8 +121,9 @@ class Database(scoped_session[Session]):
 
     def _check_fork(self) -> None:
         """Notice a fork that ran no at-fork hook (uWSGI without
-        ``py-call-osafterfork``): the pid is not the one recorded. Runs on
-        every use of the registry, before a session is looked up."""
+        ``py-call-osafterfork``): the pid is not the one recorded. The
+        registry runs it before it returns, creates, replaces or drops a
+        session."""
         if os.getpid() != self._pid:
             self._forget_parent()
 

@@ -1,5 +1,6 @@
 """The default scope of a request's session: the current greenlet, which is
-the current thread's main greenlet outside gevent/eventlet.
+the current thread's main greenlet outside gevent/eventlet; and Database's
+registry, which holds scopes weakly and closes the sessions of ended ones.
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ def get_ident() -> t.Hashable:
     threaded servers, gevent and eventlet workers (monkey-patched or not) and
     greenlets switched by hand inside one thread. Use it as the ``scopefunc``
     of a plain :class:`~sqlalchemy.orm.scoped_session`; :class:`Database`
-    uses it by default.
+    keys its sessions by the same greenlet, held weakly.
 
-    A registry keeps a key until ``remove()`` runs in that scope: ending each
-    request's session exactly once is what keeps the registry, and memory,
-    flat.
+    A plain registry keeps a key, and its session's connection, until
+    ``remove()`` runs in that scope: ending each request's session exactly
+    once is what keeps the registry, and memory, flat. (``Database`` also
+    closes the sessions of threads and greenlets that ended without it.)
 
     .. code-block:: python
 
@@ -67,10 +69,13 @@ class _ScopeRegistry(ScopedRegistry[Session]):
     greenlet by a :class:`_ThreadScope`, through weak references: it never
     keeps a scope alive, and the session of a scope that ended without
     ``remove()`` is closed, its connection back in the pool, when the
-    registry next creates a session. ``check()`` runs before every access.
+    registry next creates a session.
+
+    ``check()`` (Database's fork check) runs before any session is returned,
+    created, replaced or dropped; not when there is none to tell about.
     """
 
-    __slots__ = ("_pending",)
+    __slots__ = ("_check", "_pending")
 
     def __init__(
         self, createfunc: t.Callable[[], Session], check: t.Callable[[], None]
@@ -78,27 +83,44 @@ class _ScopeRegistry(ScopedRegistry[Session]):
         threads = threading.local()
 
         def key() -> weakref.ref[t.Any]:
-            check()
             current = _current()
             if getattr(current, "parent", None) is not None:
                 return weakref.ref(current)  # a greenlet: gevent, eventlet, by hand
             try:
-                return weakref.ref(threads.scope)
+                return threads.key  # type: ignore[no-any-return]
             except AttributeError:
                 threads.scope = _ThreadScope()
-                return weakref.ref(threads.scope)
+                threads.key = weakref.ref(threads.scope)
+                return threads.key  # type: ignore[no-any-return]
 
         super().__init__(createfunc, key)
+        self._check = check
         #: Keys still to look at for an ended scope (a snapshot of registry).
         self._pending: list[weakref.ref[t.Any]] = []
 
     def __call__(self) -> Session:
+        self._check()
         key = self.scopefunc()
         try:
             return self.registry[key]  # type: ignore[no-any-return]
         except KeyError:
             self._release_ended()
             return self.registry.setdefault(key, self.createfunc())  # type: ignore[no-any-return]
+
+    def has(self) -> bool:
+        key = self.scopefunc()
+        if key not in self.registry:
+            return False
+        self._check()  # it may be a parent's, forgotten now
+        return key in self.registry
+
+    def set(self, obj: Session) -> None:
+        self._check()
+        self.registry[self.scopefunc()] = obj
+
+    def clear(self) -> None:
+        self._check()
+        self.registry.pop(self.scopefunc(), None)
 
     def _release_ended(self) -> None:
         """Close the sessions of scopes that ended (or were freed) without
