@@ -10,6 +10,7 @@ import sys
 import threading
 import traceback
 import typing as t
+import uuid
 
 import pytest
 from conftest import StartResponseRecorder
@@ -301,4 +302,106 @@ def test_forked_child_never_uses_parent_connections(backend: str, held: bool) ->
             pooled_pid,
             held_pid if held else None,
         )
+    db.engine.dispose()
+
+
+#: A parent with uncommitted work in its session forks; the child uses the
+#: database, collects garbage and exits; the parent then commits. ``fork`` is
+#: os.fork (at-fork hooks run), or libc's fork() called with the GIL held,
+#: as uWSGI forks its workers (no at-fork hook runs).
+FORK_SCRIPT = """
+import ctypes, gc, json, os, sys, time
+
+from sqlalchemy import text
+from wsgi_scoped import Database
+
+scopes = {{"default": None, "custom": lambda: "one scope"}}
+db = Database({url!r}, scopefunc=scopes[{scope!r}])
+table = {table!r}
+db().execute(text(f"INSERT INTO {{table}} VALUES ('parent')"))  # not committed
+fork = os.fork if {kind!r} == "os.fork" else ctypes.PyDLL(None).fork
+pid = fork()
+if pid == 0:
+    code = 1
+    try:
+        db().execute(text(f"INSERT INTO {{table}} VALUES ('child')"))
+        db().commit()
+        db.remove()
+        gc.collect()
+        code = 0
+    finally:
+        sys.stdout.flush()
+        os._exit(code)
+deadline = time.monotonic() + 30
+while not (waited := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
+    time.sleep(0.01)
+child = os.waitstatus_to_exitcode(waited[1]) if waited[0] else "hung"
+if not waited[0]:
+    os.kill(pid, 9)
+
+
+def names():
+    with db.engine.connect() as connection:  # another connection
+        rows = connection.execute(text(f"SELECT name FROM {{table}} ORDER BY name"))
+        return rows.scalars().all()
+
+
+before = names()
+db().commit()
+db.remove()
+print(json.dumps({{"child": child, "before": before, "after": names()}}))
+db.engine.dispose()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
+@pytest.mark.parametrize(
+    ("kind", "scope"),
+    [
+        pytest.param("os.fork", "default", id="os.fork"),
+        pytest.param("libc fork", "default", id="no at-fork hooks"),
+        pytest.param("libc fork", "custom", id="no at-fork hooks, custom scopefunc"),
+    ],
+)
+def test_forked_child_never_disturbs_the_parents_transaction(
+    backend: str, kind: str, scope: str, tmp_path: t.Any
+) -> None:
+    """The parent's uncommitted work survives a child that forked while it
+    was open, used the database and collected garbage, and is committed
+    when the parent commits: the child never closes, rolls back, commits or
+    talks on the parent's connection (#14). In a fresh
+    interpreter, since forking without Python's hooks is only safe in a
+    process with one thread."""
+    from test_scope import run_script
+
+    url = server_url(backend)
+    admin = Database(url)
+    table = f"ws_fork_{uuid.uuid4().hex[:8]}"
+    with admin.engine.begin() as connection:
+        connection.execute(text(f"CREATE TABLE {table} (name VARCHAR(50))"))
+    try:
+        script = FORK_SCRIPT.format(url=url, scope=scope, table=table, kind=kind)
+        report = run_script(script)
+    finally:
+        with admin.engine.begin() as connection:
+            connection.execute(text(f"DROP TABLE {table}"))
+        admin.engine.dispose()
+    # The parent's row is committed by the parent's commit, not before.
+    assert report == {"child": 0, "before": ["child"], "after": ["child", "parent"]}
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
+def test_fork_is_handled_once_per_child(tmp_path: t.Any) -> None:
+    """Threads of a child that notice the fork at once (uWSGI with threads)
+    handle it once: a second handling forgets nothing the child made."""
+    db = Database(f"sqlite:///{tmp_path / 'once.db'}")
+
+    def child() -> object:
+        session = db()
+        session.execute(text("SELECT 1"))
+        db._forget_parent()  # as a second thread of the child would
+        return db() is session and db._forked_sessions == []
+
+    assert in_child(child) is True
     db.engine.dispose()

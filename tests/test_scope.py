@@ -11,6 +11,7 @@ import threading
 import typing as t
 
 import pytest
+from conftest import CountingSession
 from conftest import StartResponseRecorder
 from conftest import serve
 from sqlalchemy import Engine
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session
 from sqlalchemy.orm import sessionmaker
 
+from wsgi_scoped import Database
 from wsgi_scoped import ScopedSessionMiddleware
 from wsgi_scoped import get_ident
 
@@ -330,3 +332,184 @@ def test_gevent_diagnostics_after_monkey_patching(psycogreen: bool) -> None:
     assert report["made before patching"] == [shared, *blocking]
     assert report["made after patching"] == blocking
     assert report["keyed by get_ident"] == blocking
+
+
+def run_sequentially(works: t.Iterable[t.Callable[[], object]]) -> list[BaseException]:
+    """Run each of ``works`` in a thread of its own, one after the other,
+    keeping the finished Thread objects; return the errors they raised."""
+    errors: list[BaseException] = []
+
+    def run(work: t.Callable[[], object]) -> None:
+        try:
+            work()
+        except BaseException as error:  # reported in the test's thread
+            errors.append(error)
+
+    threads = []
+    for work in works:
+        thread = threading.Thread(target=run, args=(work,))
+        thread.start()
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+        threads.append(thread)
+    return errors
+
+
+@pytest.fixture
+def small_pool(backend_url: str) -> t.Iterator[Database]:
+    """A Database whose pool holds 2 connections and waits 2 s for one."""
+    db = Database(
+        backend_url,
+        pool_size=2,
+        max_overflow=0,
+        pool_timeout=2,
+        class_=CountingSession,
+    )
+    yield db
+    db.remove()
+    db.engine.dispose()
+
+
+def test_ended_threads_release_their_connections(small_pool: Database) -> None:
+    """Three threads in turn use ``db()`` and end without ``remove()`` (a
+    background job, a thread-per-request server): each one's session is
+    closed, so neither the third thread nor the next caller waits out the
+    pool of 2."""
+    db = small_pool
+    sessions: list[Session] = []
+
+    def job() -> None:
+        sessions.append(db())
+        db().execute(text("SELECT 1"))
+
+    assert run_sequentially([job] * 3) == []
+    assert db().execute(text("SELECT 1")).scalar_one() == 1
+    assert [s.closed for s in sessions] == [1, 1, 1]  # type: ignore[attr-defined]
+    assert db.engine.pool.checkedout() == 1  # type: ignore[attr-defined]
+    db.remove()
+    assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert db.registry.registry == {}
+
+
+@pytest.mark.parametrize(
+    "keep", [True, False], ids=["dead greenlets kept", "greenlets freed"]
+)
+def test_ended_greenlets_release_their_connections(
+    small_pool: Database, keep: bool
+) -> None:
+    """Greenlets switched by hand, in one thread, that used ``db()`` and
+    finished without ``remove()``: whether something still holds the dead
+    greenlet or not, its session is closed."""
+    greenlet = pytest.importorskip("greenlet")
+    db = small_pool
+    sessions: list[Session] = []
+    kept = []
+
+    def job() -> None:
+        sessions.append(db())
+        db().execute(text("SELECT 1"))
+
+    for _ in range(3):
+        worker = greenlet.greenlet(job)
+        worker.switch()
+        assert worker.dead
+        if keep:
+            kept.append(worker)
+        del worker
+    assert db().execute(text("SELECT 1")).scalar_one() == 1
+    assert [s.closed for s in sessions] == [1, 1, 1]  # type: ignore[attr-defined]
+    db.remove()
+    assert db.registry.registry == {}
+    assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def test_ended_gevent_greenlets_release_their_connections(
+    small_pool: Database,
+) -> None:
+    """gevent greenlets (the jobs of a gevent worker) that used ``db()`` and
+    finished without ``remove()``: their sessions are closed."""
+    gevent = pytest.importorskip("gevent")
+    db = small_pool
+    sessions: list[Session] = []
+
+    def job() -> int:
+        sessions.append(db())
+        return int(db().execute(text("SELECT 1")).scalar_one())
+
+    jobs = []
+    for _ in range(3):
+        jobs.append(gevent.spawn(job))
+        jobs[-1].join(timeout=10)
+    assert [j.value for j in jobs] == [1, 1, 1]
+    assert db().execute(text("SELECT 1")).scalar_one() == 1
+    assert [s.closed for s in sessions] == [1, 1, 1]  # type: ignore[attr-defined]
+    db.remove()
+    assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def test_only_ended_scopes_lose_their_sessions(tmp_path: t.Any) -> None:
+    """Five threads hold sessions while the test thread creates one: none of
+    theirs is touched. Then the first removes its own and all end: the next
+    sessions created close the four left behind, and nothing else stays
+    registered."""
+    db = Database(f"sqlite:///{tmp_path / 'live.db'}", class_=CountingSession)
+    sessions: list[Session] = []
+    registered, done = threading.Semaphore(0), threading.Event()
+
+    def job(number: int) -> None:
+        sessions.append(db())
+        db().execute(text("SELECT 1"))
+        registered.release()
+        done.wait(timeout=10)
+        if number == 0:
+            db.remove()
+
+    threads = []
+    for number in range(5):  # one at a time, so sessions[n] is thread n's
+        threads.append(threading.Thread(target=job, args=(number,)))
+        threads[-1].start()
+        assert registered.acquire(timeout=10)
+    db().execute(text("SELECT 1"))
+    assert [s.closed for s in sessions] == [0] * 5  # type: ignore[attr-defined]
+    db.remove()
+    done.set()
+    for thread in threads:
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+    # Each new session looks at a few of the others (see _ScopeRegistry).
+    for _ in range(2):
+        db().execute(text("SELECT 1"))
+        db.remove()
+    assert [s.closed for s in sessions] == [1] * 5  # type: ignore[attr-defined]
+    assert db.registry.registry == {}
+    assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    db.engine.dispose()
+
+
+def test_failure_closing_an_ended_scopes_session_is_logged(
+    tmp_path: t.Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The caller that finds the ended thread's session is another request:
+    a failure to close that session is logged, not raised into it."""
+
+    class FailingClose(Session):
+        def close(self) -> None:
+            super().close()
+            raise RuntimeError("close failed")
+
+    db = Database(f"sqlite:///{tmp_path / 'fail.db'}", class_=FailingClose)
+    assert run_sequentially([lambda: db().execute(text("SELECT 1"))]) == []
+    session = db()
+    assert session.execute(text("SELECT 1")).scalar_one() == 1
+    [record] = caplog.records
+    assert record.name == "wsgi_scoped.scope"
+    assert record.getMessage() == (
+        "Closing the session of a thread or greenlet that ended without remove() failed"
+    )
+    assert record.exc_info is not None
+    assert str(record.exc_info[1]) == "close failed"
+    assert db.engine.pool.checkedout() == 1  # type: ignore[attr-defined]
+    db.registry.clear()
+    session.close = lambda: Session.close(session)  # type: ignore[method-assign]
+    session.close()
+    db.engine.dispose()

@@ -1,9 +1,9 @@
 """wsgi_scoped under real servers against a real PostgreSQL (#4): gunicorn
-sync, gthread, gevent and ``--preload``, waitress, and PgBouncer in
-transaction pooling mode. Each test starts ``tests/server_app.py`` on
-127.0.0.1, sends a bounded number of requests with timeouts, and asks
-PostgreSQL itself (``pg_stat_activity``) whether a connection was left in a
-transaction.
+sync, gthread, gevent and ``--preload``, waitress, uWSGI with its defaults
+(#10), and PgBouncer in transaction pooling mode. Each test starts
+``tests/server_app.py`` on 127.0.0.1, sends a bounded number of requests
+with timeouts, and asks PostgreSQL itself (``pg_stat_activity``) whether a
+connection was left in a transaction.
 """
 
 from __future__ import annotations
@@ -134,7 +134,9 @@ def bouncer(target: Target) -> t.Iterator[pgbouncer.PgBouncer]:
 @dataclasses.dataclass(frozen=True)
 class Setup:
     """How to serve the application: ``server`` is a gunicorn worker class
-    (``sync``, ``gthread``, ``gevent``) or ``waitress``; ``bouncer`` puts
+    (``sync``, ``gthread``, ``gevent``), ``waitress`` or ``uwsgi`` (its
+    defaults: a master that imports the application, then forks ``workers``
+    single-threaded processes); ``bouncer`` puts
     PgBouncer between it and PostgreSQL, with a ``small pool`` or
     ``NullPool`` in each worker."""
 
@@ -148,7 +150,7 @@ class Setup:
         once by one worker (README, Deployment)."""
         if self.bouncer == "NullPool":
             return {"SERVER_APP_NULLPOOL": "1", "SERVER_APP_NO_PREPARE": "1"}
-        size = {"sync": 1, "gevent": 5}.get(self.server, self.threads)
+        size = {"sync": 1, "uwsgi": 1, "gevent": 5}.get(self.server, self.threads)
         options = {
             "SERVER_APP_POOL_SIZE": str(size),
             "SERVER_APP_MAX_OVERFLOW": "0",
@@ -163,6 +165,7 @@ SYNC = Setup("sync")
 GTHREAD = Setup("gthread")
 GEVENT = Setup("gevent")
 WAITRESS = Setup("waitress", workers=1)
+UWSGI = Setup("uwsgi")
 
 
 @dataclasses.dataclass
@@ -178,7 +181,41 @@ class Server:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
 
+def _uwsgi() -> str:
+    """The ``uwsgi`` executable of this environment; skip the test without it
+    (fail it in CI, where ``WSGI_SCOPED_REQUIRE_SERVERS`` is set)."""
+    path = Path(sys.executable).with_name("uwsgi")
+    if not path.exists():
+        reason = (
+            f"uWSGI is not installed ({path} not found): install it with"
+            " pip install -e '.[test,uwsgi]' (it compiles, about 80 s)"
+        )
+        if os.environ.get("WSGI_SCOPED_REQUIRE_SERVERS"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return str(path)
+
+
 def _command(setup: Setup, port: int, extra: t.Sequence[str]) -> list[str]:
+    if setup.server == "uwsgi":
+        # uWSGI's defaults otherwise: no lazy-apps, no py-call-osafterfork, no
+        # threads. --die-on-term: SIGTERM stops it (uWSGI 2.0 would reload).
+        return [
+            _uwsgi(),
+            "--master",
+            "--processes",
+            str(setup.workers),
+            "--http-socket",
+            f"127.0.0.1:{port}",
+            "--virtualenv",
+            sys.prefix,
+            "--module",
+            "server_app:app",
+            "--need-app",
+            "--die-on-term",
+            "--strict",
+            *extra,
+        ]
     if setup.server == "waitress":
         pytest.importorskip("waitress", reason="waitress is not installed")
         return [
@@ -242,7 +279,7 @@ def serve(
     server = Server(proc, port, log)
     try:
         _wait_until_ready(server)
-        if setup.server != "waitress":
+        if setup.server not in ("waitress", "uwsgi"):
             assert f"Using worker: {setup.server}\n" in server.log_text()
         yield server
     except BaseException:
@@ -429,6 +466,7 @@ SERVERS = [
     pytest.param(GTHREAD, id="gunicorn gthread"),
     pytest.param(GEVENT, id="gunicorn gevent"),
     pytest.param(WAITRESS, id="waitress"),
+    pytest.param(UWSGI, id="uwsgi"),
 ]
 
 #: Scenario 1: 60 writes, 20 reads and 20 streams that write while streaming.
@@ -480,15 +518,24 @@ def test_concurrent_requests_commit_and_leave_no_transaction_open(
 
 
 @pytest.mark.server
+@pytest.mark.parametrize(
+    ("setup", "extra"),
+    [
+        pytest.param(SYNC, ["--preload"], id="gunicorn --preload"),
+        # uWSGI forks without running Python's at-fork hooks (#10).
+        pytest.param(UWSGI, [], id="uwsgi defaults"),
+    ],
+)
 def test_preload_workers_never_use_the_masters_connection(
-    target: Target, tmp_path: Path
+    setup: Setup, extra: list[str], target: Target, tmp_path: Path
 ) -> None:
-    """Under ``gunicorn --preload`` the master imports the application, which
-    queries the database, and forks with that connection in its pool: each
-    worker opens connections of its own, and the master's connection is
-    still alive afterwards (no child closed it or talked on it)."""
+    """Under ``gunicorn --preload``, and uWSGI's defaults, the master imports
+    the application, which queries the database, and forks with that
+    connection in its pool: each worker opens connections of its own, and
+    the master's connection is still alive afterwards (no child closed it or
+    talked on it)."""
     options = {"SERVER_APP_REPORT_IMPORT": "1"}
-    with serve(SYNC, target, tmp_path, extra=["--preload"], options=options) as server:
+    with serve(setup, target, tmp_path, extra=extra, options=options) as server:
         imported = re.findall(
             r"server_app imported: pid=(\d+) backend=(\d+)", server.log_text()
         )

@@ -9,6 +9,7 @@ import functools
 import inspect
 import os
 import sqlite3
+import threading
 import typing as t
 import uuid
 import weakref
@@ -23,7 +24,7 @@ from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import QueuePool
 
 from .middleware import ScopedSessionMiddleware
-from .scope import get_ident
+from .scope import _ScopeRegistry
 
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
@@ -54,11 +55,14 @@ class Database(scoped_session[Session]):
     -   Server databases: ``pool_pre_ping=True``, so connections the server
         dropped are replaced instead of failing a request.
     -   After ``fork()`` the child gets a fresh pool and never touches the
-        parent's connections (gunicorn ``--preload``).
+        parent's connections (gunicorn ``--preload``, uWSGI).
+    -   The session of a thread or greenlet that ended without ``remove()``
+        is closed, its connection back in the pool, when the next session
+        is created.
 
     :param url: the database URL; ``None`` reads ``DATABASE_URL``.
-    :param scopefunc: the key of the current scope; ``None`` means
-        :func:`get_ident` (the current greenlet, else thread).
+    :param scopefunc: the key of the current scope; ``None`` means the
+        current greenlet, else thread (as :func:`get_ident`), held weakly.
     :param options: session options (the keyword arguments of
         :class:`~sqlalchemy.orm.Session`, such as ``expire_on_commit``, and
         ``class_``) go to the sessionmaker; all others go to
@@ -98,17 +102,42 @@ class Database(scoped_session[Session]):
         if connect_args:
             engine_options["connect_args"] = connect_args
         self.engine = create_engine(url, **engine_options)
-        super().__init__(
-            sessionmaker(self.engine, **session_options),
-            scopefunc=scopefunc or get_ident,
-        )
+        # The process that owns the pool and the registered sessions.
+        self._pid = os.getpid()
+        self._fork_lock = threading.Lock()
         # Sessions open in a parent at fork time; kept so that garbage
         # collection never rolls back the parent's connections from a child.
         self._forked_sessions: list[Session] = []
+        factory = sessionmaker(self.engine, **session_options)
+        if scopefunc is None:
+            super().__init__(factory)
+            self.registry = _ScopeRegistry(factory, self._check_fork)
+        else:
+            super().__init__(factory, scopefunc=_checked(scopefunc, self._check_fork))
         if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows
             os.register_at_fork(
                 after_in_child=functools.partial(_after_fork, weakref.ref(self))
             )
+
+    def _check_fork(self) -> None:
+        """Notice a fork that ran no at-fork hook (uWSGI without
+        ``py-call-osafterfork``): the pid is not the one recorded. The
+        registry runs it before it returns, creates, replaces or drops a
+        session."""
+        if os.getpid() != self._pid:
+            self._forget_parent()
+
+    def _forget_parent(self) -> None:
+        """In a forked child: forget the parent's sessions and pooled
+        connections without closing them, since they belong to the parent."""
+        with self._fork_lock:
+            if os.getpid() == self._pid:  # another thread of the child did it
+                return
+            sessions = self.registry.registry
+            self._forked_sessions.extend(sessions.values())
+            sessions.clear()
+            self.engine.dispose(close=False)
+            self._pid = os.getpid()
 
     def middleware(
         self, app: WSGIApplication, **options: t.Any
@@ -153,13 +182,21 @@ def _engine_defaults(
     return shared, options, keeper
 
 
+def _checked(
+    scopefunc: t.Callable[[], t.Hashable], check: t.Callable[[], None]
+) -> t.Callable[[], t.Hashable]:
+    """``scopefunc``, running ``check()`` first."""
+
+    def scope() -> t.Hashable:
+        check()
+        return scopefunc()
+
+    return scope
+
+
 def _after_fork(ref: weakref.ReferenceType[Database]) -> None:
-    """In a forked child: forget the parent's sessions and pooled connections
-    without closing them, since they belong to the parent."""
+    """The at-fork hook, in a child forked by ``os.fork()``."""
     db = ref()
-    if db is None:
-        return
-    sessions = db.registry.registry
-    db._forked_sessions.extend(sessions.values())
-    sessions.clear()
-    db.engine.dispose(close=False)
+    if db is not None:
+        db._fork_lock = threading.Lock()  # a parent's thread may have held it
+        db._forget_parent()

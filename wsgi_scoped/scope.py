@@ -1,13 +1,19 @@
 """The default scope of a request's session: the current greenlet, which is
-the current thread's main greenlet outside gevent/eventlet.
+the current thread's main greenlet outside gevent/eventlet; and Database's
+registry, which holds scopes weakly and closes the sessions of ended ones.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
+import threading
 import typing as t
 import warnings
+import weakref
 
+from sqlalchemy.orm import Session
+from sqlalchemy.util import ScopedRegistry
 from sqlalchemy.util import ThreadLocalRegistry
 
 from .exceptions import WsgiScopedWarning
@@ -18,6 +24,12 @@ except ImportError:  # pragma: no cover - greenlet is optional since SQLAlchemy 
     from threading import get_ident as _current  # type: ignore[assignment]
 
 
+_log = logging.getLogger(__name__)
+
+#: How many sessions a new session checks for a scope that ended.
+_RELEASE_BATCH = 4
+
+
 def get_ident() -> t.Hashable:
     """Return the key of the current greenlet, or of the current thread when
     greenlet is not installed.
@@ -26,11 +38,12 @@ def get_ident() -> t.Hashable:
     threaded servers, gevent and eventlet workers (monkey-patched or not) and
     greenlets switched by hand inside one thread. Use it as the ``scopefunc``
     of a plain :class:`~sqlalchemy.orm.scoped_session`; :class:`Database`
-    uses it by default.
+    keys its sessions by the same greenlet, held weakly.
 
-    A registry keeps a key until ``remove()`` runs in that scope: ending each
-    request's session exactly once is what keeps the registry, and memory,
-    flat.
+    A plain registry keeps a key, and its session's connection, until
+    ``remove()`` runs in that scope: ending each request's session exactly
+    once is what keeps the registry, and memory, flat. (``Database`` also
+    closes the sessions of threads and greenlets that ended without it.)
 
     .. code-block:: python
 
@@ -39,6 +52,108 @@ def get_ident() -> t.Hashable:
     .. versionadded:: 0.1
     """
     return _current()
+
+
+class _ThreadScope:
+    """Stands for a thread's main greenlet in a registry's keys. Kept in a
+    ``threading.local``, so freed as the thread ends, before ``join()``
+    returns (greenlet marks a main greenlet dead later, from another thread).
+    """
+
+    __slots__ = ("__weakref__",)
+    dead = False
+
+
+class _ScopeRegistry(ScopedRegistry[Session]):
+    """A ScopedRegistry keyed by the current greenlet, or for a thread's main
+    greenlet by a :class:`_ThreadScope`, through weak references: it never
+    keeps a scope alive, and the session of a scope that ended without
+    ``remove()`` is closed, its connection back in the pool, when the
+    registry next creates a session.
+
+    ``check()`` (Database's fork check) runs before any session is returned,
+    created, replaced or dropped; not when there is none to tell about.
+    """
+
+    __slots__ = ("_check", "_pending")
+
+    def __init__(
+        self, createfunc: t.Callable[[], Session], check: t.Callable[[], None]
+    ) -> None:
+        threads = threading.local()
+
+        def key() -> weakref.ref[t.Any]:
+            current = _current()
+            if getattr(current, "parent", None) is not None:
+                return weakref.ref(current)  # a greenlet: gevent, eventlet, by hand
+            try:
+                return threads.key  # type: ignore[no-any-return]
+            except AttributeError:
+                threads.scope = _ThreadScope()
+                threads.key = weakref.ref(threads.scope)
+                return threads.key  # type: ignore[no-any-return]
+
+        super().__init__(createfunc, key)
+        self._check = check
+        #: Keys still to look at for an ended scope (a snapshot of registry).
+        self._pending: list[weakref.ref[t.Any]] = []
+
+    def __call__(self) -> Session:
+        self._check()
+        key = self.scopefunc()
+        try:
+            return self.registry[key]  # type: ignore[no-any-return]
+        except KeyError:
+            self._release_ended()
+            return self.registry.setdefault(key, self.createfunc())  # type: ignore[no-any-return]
+
+    def has(self) -> bool:
+        key = self.scopefunc()
+        if key not in self.registry:
+            return False
+        self._check()  # it may be a parent's, forgotten now
+        return key in self.registry
+
+    def set(self, obj: Session) -> None:
+        self._check()
+        self.registry[self.scopefunc()] = obj
+
+    def clear(self) -> None:
+        self._check()
+        self.registry.pop(self.scopefunc(), None)
+
+    def _release_ended(self) -> None:
+        """Close the sessions of scopes that ended (or were freed) without
+        ``remove()``. A few keys per new session, from a snapshot refilled
+        when used up: constant work however many sessions are open, and every
+        one is looked at within ``len(registry) / _RELEASE_BATCH`` new ones.
+        """
+        pending = self._pending
+        if not pending:
+            pending.extend(self.registry)
+        for _ in range(_RELEASE_BATCH):
+            try:
+                key = pending.pop()
+            except IndexError:  # used up, maybe by another thread
+                return
+            scope = key()
+            if scope is None or scope.dead:
+                session = self.registry.pop(key, None)
+                if session is not None:  # not removed meanwhile
+                    _close_orphan(session)
+
+
+def _close_orphan(session: Session) -> None:
+    """Close the session of an ended scope: a failure is logged, since the
+    caller that found it is another request, with work of its own."""
+    try:
+        session.close()
+    except Exception:
+        _log.error(
+            "Closing the session of a thread or greenlet that ended without"
+            " remove() failed",
+            exc_info=True,
+        )
 
 
 def _has_session(sessions: t.Any) -> bool:
