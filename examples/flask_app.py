@@ -17,7 +17,6 @@ from sqlalchemy.orm import mapped_column
 from werkzeug.exceptions import HTTPException
 
 from wsgi_scoped import Database
-from wsgi_scoped.flask import init_app
 
 db = Database(os.environ.get("DATABASE_URL", "sqlite:///flask_notes.sqlite3"))
 
@@ -38,7 +37,7 @@ class Lookup(Base):  # one per GET /notes/<id>: kept for a 200, not for a 404
 
 Base.metadata.create_all(db.engine)  # the engine: outside a request, no db()
 app = Flask(__name__)
-init_app(app, db, commit=True)  # commits before the status; ends sessions early
+db.init_app(app, commit=True)  # commits before the status; ends sessions early
 
 
 @app.get("/notes")

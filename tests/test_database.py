@@ -405,3 +405,32 @@ def test_fork_is_handled_once_per_child(tmp_path: t.Any) -> None:
 
     assert in_child(child) is True
     db.engine.dispose()
+
+
+def test_database_sessions_refuse_an_aborted_commit_outside_requests() -> None:
+    """A script or CLI command using ``db()`` directly: committing a
+    PostgreSQL transaction that a caught error aborted raises, instead of
+    PostgreSQL's silent rollback."""
+    from sqlalchemy.exc import ProgrammingError
+
+    from wsgi_scoped import AbortedTransactionError
+
+    db = Database(server_url("postgresql"))
+    table = f"ws_aborted_{uuid.uuid4().hex[:8]}"
+    with db.engine.begin() as connection:
+        connection.execute(text(f"CREATE TABLE {table} (name VARCHAR(50))"))
+    try:
+        db().execute(text(f"INSERT INTO {table} VALUES ('lost')"))
+        with pytest.raises(ProgrammingError):
+            db().execute(text("SELECT * FROM no_such_table"))
+        with pytest.raises(AbortedTransactionError, match="begin_nested"):
+            db().commit()
+        db.remove()
+        with db.engine.connect() as connection:
+            rows = connection.execute(text(f"SELECT count(*) FROM {table}"))
+            assert rows.scalar_one() == 0
+    finally:
+        db.remove()
+        with db.engine.begin() as connection:
+            connection.execute(text(f"DROP TABLE {table}"))
+        db.engine.dispose()

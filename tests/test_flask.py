@@ -297,3 +297,21 @@ def test_init_app_refuses_what_is_not_flask(db: Database) -> None:
         TypeError, match="'app' must be a flask.Flask application, got 'Database'"
     ):
         init_app(db, app)  # type: ignore[arg-type]
+
+
+def test_database_init_app_is_the_flask_convention(db: Database) -> None:
+    """``db.init_app(app, **options)``, as with Flask-SQLAlchemy."""
+    app = flask.Flask(__name__)
+
+    @app.post("/items")
+    def add() -> tuple[str, int]:
+        db().execute(text("INSERT INTO item (name) VALUES ('x')"))
+        return "made", 201
+
+    middleware = db.init_app(app, commit=True)
+    assert app.wsgi_app is middleware
+    assert middleware.registry is db and middleware.commit is True
+    with app.test_client() as client:
+        assert client.post("/items").status_code == 201
+    assert count_items(db.engine) == 1
+    assert not db.registry.has()

@@ -317,3 +317,55 @@ def test_health_checks_on_one_engine_bound_connects_once() -> None:
         assert probe(check)[0] == "200 OK"
     finally:
         engine.dispose()
+
+
+HEALTH_FORK_SCRIPT = """
+import ctypes, json, os, sys, time, wsgiref.util
+from sqlalchemy import event, text
+from wsgi_scoped import Database, HealthCheck
+
+db = Database({url!r})
+check = HealthCheck(db, timeout=10)
+with db.engine.connect() as connection:  # pooled in the parent
+    parent = connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
+used = []
+event.listen(
+    db.engine, "checkout", lambda dbapi, record, proxy: used.append(dbapi.info.backend_pid)
+)
+read, write = os.pipe()
+pid = ctypes.PyDLL(None).fork()  # as uWSGI forks: no at-fork hook runs
+if pid == 0:
+    code = 1
+    try:
+        environ = {{}}
+        wsgiref.util.setup_testing_defaults(environ)
+        statuses = []
+        body = check(environ, lambda status, headers: statuses.append(status))
+        os.write(write, json.dumps({{"status": statuses[0], "used": used}}).encode())
+        code = 0
+    finally:
+        os._exit(code)
+os.close(write)
+deadline = time.monotonic() + 30
+while not (waited := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
+    time.sleep(0.01)
+if not waited[0]:
+    os.kill(pid, 9)
+child = json.loads(os.read(read, 4096) or b"{{}}")
+with db.engine.connect() as connection:
+    again = connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
+print(json.dumps({{"parent": parent, "child": child, "again": again}}))
+db.engine.dispose()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
+def test_health_check_in_a_child_forked_without_hooks_uses_its_own_connection() -> None:
+    """uWSGI forks without Python's at-fork hooks: a worker's first health
+    check must not ping on the connection the master pooled."""
+    from test_scope import run_script
+
+    report = run_script(HEALTH_FORK_SCRIPT.format(url=server_url("postgresql")))
+    assert report["child"]["status"] == "200 OK"
+    assert report["child"]["used"] and report["parent"] not in report["child"]["used"]
+    assert report["again"] == report["parent"]  # the parent's connection is intact

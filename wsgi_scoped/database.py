@@ -25,6 +25,7 @@ from sqlalchemy.pool import QueuePool
 
 from .middleware import ScopedSessionMiddleware
 from .scope import _ScopeRegistry
+from .transaction import _guard_commits
 
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
@@ -109,6 +110,7 @@ class Database(scoped_session[Session]):
         # collection never rolls back the parent's connections from a child.
         self._forked_sessions: list[Session] = []
         factory = sessionmaker(self.engine, **session_options)
+        _guard_commits(factory)  # in scripts and CLI commands too
         if scopefunc is None:
             super().__init__(factory)
             self.registry = _ScopeRegistry(factory, self._check_fork)
@@ -148,6 +150,22 @@ class Database(scoped_session[Session]):
         .. versionadded:: 0.1
         """
         return ScopedSessionMiddleware(app, self, **options)
+
+    def init_app(self, app: t.Any, **options: t.Any) -> ScopedSessionMiddleware:
+        """Wire this registry into the Flask application ``app``, as
+        :func:`wsgi_scoped.flask.init_app` does; ``options`` are
+        :class:`ScopedSessionMiddleware`'s keyword arguments.
+
+        .. code-block:: python
+
+            db = Database()  # DATABASE_URL
+            db.init_app(app, commit=True)
+
+        .. versionadded:: 0.1
+        """
+        from .flask import init_app  # Flask is optional
+
+        return init_app(app, self, **options)
 
     def __repr__(self) -> str:
         url = self.engine.url.render_as_string(hide_password=True)

@@ -144,6 +144,11 @@ class HealthCheck:
         self, database: Engine | scoped_session[t.Any], *, timeout: float = 2.0
     ) -> None:
         self.engine = _engine_of(database, "Health checks")
+        # A Database notices a fork that ran no at-fork hook (uWSGI), so
+        # that the check never uses a connection of the parent's pool.
+        self._check_fork: t.Callable[[], None] = getattr(
+            database, "_check_fork", lambda: None
+        )
         if not isinstance(timeout, (int, float)) or timeout <= 0:
             raise ValueError(
                 f"'timeout' must be a number of seconds > 0, got {timeout!r}."
@@ -217,6 +222,7 @@ class HealthCheck:
     def _select_one(self, check: _Check) -> float:
         start = time.perf_counter()
         _checking.connect_timeout = self._connect_timeout
+        self._check_fork()
         with self.engine.connect() as connection:
             check.attach(connection.connection.dbapi_connection)
             try:
