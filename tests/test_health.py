@@ -330,7 +330,7 @@ with db.engine.connect() as connection:  # pooled in the parent
     parent = connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
 used = []
 event.listen(
-    db.engine, "checkout", lambda dbapi, record, proxy: used.append(dbapi.info.backend_pid)
+    db.engine, "checkout", lambda dbapi, *_: used.append(dbapi.info.backend_pid)
 )
 read, write = os.pipe()
 pid = ctypes.PyDLL(None).fork()  # as uWSGI forks: no at-fork hook runs
