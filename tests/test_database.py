@@ -24,6 +24,7 @@ from sqlalchemy.orm import scoped_session
 from wsgi_scoped import SQLITE_BUSY_TIMEOUT
 from wsgi_scoped import Database
 from wsgi_scoped import ScopedSessionMiddleware
+from wsgi_scoped._sockets import _closed_while_idle
 
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
@@ -132,16 +133,28 @@ def test_connect_args_merge_with_defaults(tmp_path: t.Any) -> None:
 
 
 @pytest.mark.parametrize("backend", ["postgresql", "mysql"])
-def test_server_databases_pre_ping(backend: str) -> None:
+def test_server_databases_check_sockets_not_ping(backend: str) -> None:
+    """psycopg, psycopg2 and PyMySQL: a dead pooled connection is found by
+    looking at its socket at checkout (tests/test_roundtrips.py), so no ping;
+    ``pool_pre_ping=True`` is still honoured when asked for."""
     db = Database(server_url(backend))
-    assert db.engine.pool._pre_ping is True  # type: ignore[attr-defined]
+    assert db.engine.pool._pre_ping is False  # type: ignore[attr-defined]
+    assert event.contains(db.engine, "checkout", _closed_while_idle)
     with db.engine.connect() as connection:
         assert connection.execute(text("SELECT 1")).scalar_one() == 1
     db.engine.dispose()
-    assert (
-        Database(server_url(backend), pool_pre_ping=False).engine.pool._pre_ping
-        is False
-    )  # type: ignore[attr-defined]
+    asked = Database(server_url(backend), pool_pre_ping=True).engine
+    assert asked.pool._pre_ping is True  # type: ignore[attr-defined]
+
+
+def test_drivers_without_a_socket_to_look_at_pre_ping() -> None:
+    """A driver whose connection hides its socket (here the mysqlclient
+    dialect, given PyMySQL's module so that it builds) keeps the ping."""
+    import pymysql
+
+    db = Database("mysql+mysqldb://root@127.0.0.1/test", module=pymysql)
+    assert db.engine.pool._pre_ping is True  # type: ignore[attr-defined]
+    assert not event.contains(db.engine, "checkout", _closed_while_idle)
 
 
 def test_memory_database_shared_by_threads(memory_db: Database) -> None:

@@ -1,6 +1,7 @@
 """An engine and a greenlet/thread-scoped session registry, with defaults that
-suit a WSGI server: shared in-memory SQLite, busy timeouts, pre-ping, and
-pools that are safe across ``fork()``.
+suit a WSGI server: shared in-memory SQLite, busy timeouts, dead pooled
+connections replaced without a round trip, and pools that are safe across
+``fork()``.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ import weakref
 from sqlalchemy import URL
 from sqlalchemy import Engine
 from sqlalchemy import create_engine
+from sqlalchemy import event
 from sqlalchemy import make_url
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import QueuePool
 
+from ._sockets import SOCKET_DRIVERS
+from ._sockets import _closed_while_idle
 from .middleware import ScopedSessionMiddleware
 from .scope import _ScopeRegistry
 from .transaction import _guard_commits
@@ -53,8 +57,11 @@ class Database(scoped_session[Session]):
     -   ``sqlite://`` (in memory): one database shared by every thread, handed
         to one request at a time, so two requests never share a transaction.
     -   SQLite files: a busy timeout of :data:`SQLITE_BUSY_TIMEOUT` seconds.
-    -   Server databases: ``pool_pre_ping=True``, so connections the server
-        dropped are replaced instead of failing a request.
+    -   Server databases: a connection the server closed while it sat in
+        the pool (a terminated backend, a restart, a proxy's idle timeout)
+        is replaced at checkout, found by looking at its socket rather than
+        by a round trip (psycopg, psycopg2, PyMySQL; ``pool_pre_ping=True``
+        for other drivers).
     -   After ``fork()`` the child gets a fresh pool and never touches the
         parent's connections (gunicorn ``--preload``, uWSGI).
     -   The session of a thread or greenlet that ended without ``remove()``
@@ -103,6 +110,8 @@ class Database(scoped_session[Session]):
         if connect_args:
             engine_options["connect_args"] = connect_args
         self.engine = create_engine(url, **engine_options)
+        if url.get_driver_name() in SOCKET_DRIVERS:
+            event.listen(self.engine, "checkout", _closed_while_idle)
         # The process that owns the pool and the registered sessions.
         self._pid = os.getpid()
         self._fork_lock = threading.Lock()
@@ -178,6 +187,8 @@ def _engine_defaults(
     """The URL and default engine options for ``url``, and for in-memory
     SQLite the connection that keeps the shared database alive."""
     if url.get_backend_name() != "sqlite":
+        if url.get_driver_name() in SOCKET_DRIVERS:
+            return url, {}, None  # the checkout listener looks at the socket
         return url, {"pool_pre_ping": True}, None
     if url.database not in (None, "", ":memory:"):
         return url, {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}, None

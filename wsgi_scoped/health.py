@@ -20,6 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import scoped_session
 
 from ._arguments import _engine_of
+from ._sockets import _fileno
 
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
@@ -81,13 +82,6 @@ class _Check:
             if self.socket is not None:
                 with contextlib.suppress(OSError):  # already disconnected
                     self.socket.shutdown(socket.SHUT_RDWR)
-
-
-def _fileno(dbapi_connection: t.Any) -> int | None:
-    """The socket of a psycopg, psycopg2 or PyMySQL connection, else None."""
-    owner = getattr(dbapi_connection, "_sock", dbapi_connection)  # PyMySQL
-    fileno = getattr(owner, "fileno", None)
-    return fileno() if callable(fileno) else None
 
 
 def _limit_connect_time(

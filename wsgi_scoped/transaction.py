@@ -300,7 +300,10 @@ def is_transient(error: BaseException) -> bool:
     may not meet again: a PostgreSQL serialization failure or deadlock
     (SQLSTATE ``40001``, ``40P01``; psycopg 3 and psycopg2), a MySQL/MariaDB
     deadlock or lock wait timeout (``1213``, ``1205``; PyMySQL, mysqlclient,
-    MySQL Connector, MariaDB Connector), or SQLite's "database is locked".
+    MySQL Connector, MariaDB Connector), SQLite's "database is locked", or a
+    connection lost while a statement ran (the server rolled the transaction
+    back). A connection lost during ``COMMIT`` is not: whether that commit
+    happened is unknown.
     Exceptions raised *from* such an error, or while one was handled, count
     too; ``SystemExit``, ``KeyboardInterrupt``, ``GeneratorExit`` and other
     exceptions that are not :class:`Exception` never do.
@@ -316,11 +319,21 @@ def is_transient(error: BaseException) -> bool:
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
+        if isinstance(current, DBAPIError) and _lost_before_commit(current):
+            return True
         orig = current.orig if isinstance(current, DBAPIError) else current
         if orig is not None and _is_transient_driver_error(orig):
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+def _lost_before_commit(error: DBAPIError) -> bool:
+    """The connection was lost while a statement ran, not during COMMIT
+    (SQLAlchemy gives a failed commit no statement): the server rolled the
+    transaction back, so nothing of it happened. A lost COMMIT's outcome is
+    unknown."""
+    return error.connection_invalidated and error.statement is not None
 
 
 def _is_transient_driver_error(orig: BaseException) -> bool:
