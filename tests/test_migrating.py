@@ -21,13 +21,22 @@ from types import ModuleType
 
 import pytest
 import support
+from conftest import serve
 from conftest import server_url
+from sqlalchemy import Engine
 from sqlalchemy import create_engine
 from sqlalchemy import inspect
 from sqlalchemy import make_url
 from sqlalchemy import text
+from sqlalchemy.orm import scoped_session
+from sqlalchemy.orm import sessionmaker
 
+from wsgi_scoped import Database
+from wsgi_scoped import ScopedSessionMiddleware
 from wsgi_scoped import WsgiScopedWarning
+
+if t.TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIEnvironment
 
 flask = pytest.importorskip("flask", reason="Flask is not installed")
 flask_sqlalchemy = pytest.importorskip(
@@ -41,9 +50,11 @@ GUIDE = (ROOT / "docs" / "migrating.rst").read_text()
 
 def guide_section(title: str) -> str:
     """The text of the guide's top-level section ``title``."""
-    start = GUIDE.index(f"\n{title}\n")
-    end = re.search(r"\n[^\n]+\n-{3,}\n", GUIDE[start + len(title) + 2 :])
-    return GUIDE[start : start + len(title) + 2 + (end.start() if end else 0)]
+    match = re.search(
+        rf"(?ms)^{re.escape(title)}\n-+\n(.*?)(?=^[^\n]+\n-+\n|\Z)", GUIDE
+    )
+    assert match is not None, title
+    return match[1]
 
 
 FLASK = guide_section("From Flask-SQLAlchemy's ``db.session``")
@@ -440,3 +451,74 @@ def test_shortcut_table_names_what_flask_sqlalchemy_aliases() -> None:
         and node.value.id == "db"
     }
     assert {name for name in used if f"``{name}" not in FLASK} == set()
+
+
+# -- the other sections' "After" code, run as written --
+
+
+def after_code(title: str) -> str:
+    """The code following the ``# After`` line in the guide's section ``title``."""
+    for block in code_blocks(guide_section(title)):
+        _, marker, after = block.partition("# After")
+        if marker:
+            return after.partition("\n")[2]
+    raise LookupError(f"docs/migrating.rst: no '# After' block under {title!r}")
+
+
+def test_pyramid_after_code_commits_and_vetoes(tmp_path: Path) -> None:
+    """The pyramid_tm section's replacement, run as written: views keep
+    ``request.dbsession``; a 200 is committed, a returned 404 rolled back."""
+    pyramid_config = pytest.importorskip("pyramid.config")
+    from pyramid.httpexceptions import HTTPNotFound
+    from pyramid.response import Response
+
+    url = f"sqlite:///{tmp_path / 'pyramid.sqlite3'}"
+    with create_engine(url).begin() as connection:
+        connection.execute(text("CREATE TABLE item (name VARCHAR(50))"))
+
+    def view(request: t.Any) -> t.Any:
+        insert = text("INSERT INTO item (name) VALUES (:name)")
+        request.dbsession.execute(insert, {"name": request.path})
+        return HTTPNotFound() if request.path == "/missing" else Response("ok")
+
+    config = pyramid_config.Configurator()
+    config.add_route("any", "/{name}")
+    config.add_view(view, route_name="any")
+    settings = {"sqlalchemy.url": url}
+    namespace = {"Database": Database, "config": config, "settings": settings}
+    exec(after_code("From pyramid_tm and zope.sqlalchemy"), namespace)
+    client = support.webtest.TestApp(namespace["app"])
+    try:
+        client.get("/kept", status=200)
+        client.get("/missing", status=404)
+        with namespace["db"].engine.connect() as connection:
+            names = connection.scalars(text("SELECT name FROM item")).all()
+        assert names == ["/kept"]
+    finally:
+        namespace["db"].engine.dispose()
+
+
+def test_try_finally_before_leaks_a_streamed_session_and_after_does_not(
+    engine: Engine, environ: WSGIEnvironment, start_response: t.Any
+) -> None:
+    """The hand-written middleware section's block, run as written: its
+    ``try/finally`` leaves the session a generator body opened registered;
+    ``ScopedSessionMiddleware(app, Session)`` ends it in ``close()``."""
+    Session = scoped_session(sessionmaker(engine))
+
+    def app(environ: WSGIEnvironment, start_response: t.Any) -> t.Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        yield from [Session().execute(text("SELECT 'streamed'")).scalar_one().encode()]
+
+    section = guide_section("From a hand-written ``try/finally`` middleware")
+    (block,) = code_blocks(section)
+    namespace = {"ScopedSessionMiddleware": ScopedSessionMiddleware}
+    namespace.update(Session=Session, app=app)
+    exec(block, namespace)
+    before = namespace["SessionMiddleware"](app)
+    assert serve(before, dict(environ), start_response) == b"streamed"
+    assert Session.registry.has()  # left to the thread's next request
+    Session.remove()
+    assert serve(namespace["app"], dict(environ), start_response) == b"streamed"
+    assert not Session.registry.has()
+    assert engine.pool.checkedout() == 0
