@@ -41,12 +41,10 @@ from proxy import Proxy  # noqa: E402
 from wsgi_scoped import Database  # noqa: E402
 from wsgi_scoped import ScopedSessionMiddleware  # noqa: E402
 
-if t.TYPE_CHECKING:
-    from _typeshed.wsgi import StartResponse
-    from _typeshed.wsgi import WSGIApplication
-    from _typeshed.wsgi import WSGIEnvironment
-
-Wiring = t.Callable[[str, str, bool], tuple["WSGIApplication", t.Callable[[], None]]]
+WSGIApplication = t.Callable[..., t.Any]
+WSGIEnvironment = dict[str, t.Any]
+StartResponse = t.Callable[..., t.Any]
+Wiring = t.Callable[[str, str, bool], tuple[WSGIApplication, t.Callable[[], None]]]
 
 
 def handler(session: t.Callable[[], t.Any], table: str, commits: bool) -> t.Any:

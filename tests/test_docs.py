@@ -91,7 +91,8 @@ def test_benchmarks_extra_provides_what_the_benchmarks_use() -> None:
     """``pip install -e '.[benchmarks]'``, as the README says, is enough to
     run benchmarks/*.py (not ``No module named 'flask_sqlalchemy'``)."""
     assert "pip install -e '.[benchmarks]'" in section("Docs and benchmarks")
-    local = {p.stem for p in (ROOT / "benchmarks").glob("*.py")}
+    # Scripts of benchmarks/, and helpers they share with tests/ (the proxy).
+    local = {p.stem for d in ("benchmarks", "tests") for p in (ROOT / d).glob("*.py")}
     core = {"sqlalchemy", "wsgi_scoped"}  # the package and its dependency
     distributions = extra("benchmarks")
     missing = set()
