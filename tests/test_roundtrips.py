@@ -285,3 +285,36 @@ def test_connection_lost_during_commit_is_never_retried(
     assert not is_transient(caught.value)
     assert attempts == [1]
     assert count_rows(url, name) == 0  # here the COMMIT never reached the server
+
+
+@pytest.mark.parametrize("table", ["psycopg", "pymysql"], indirect=True)
+def test_isolation_levels_survive_a_replaced_connection(table: tuple[str, str]) -> None:
+    """An engine-wide AUTOCOMMIT, and a level asked for one request's
+    connection, apply on the connection that replaced a dead one."""
+    url, name = table
+    target = make_url(url)
+    mysql = url.startswith("mysql")
+    show = "SELECT @@tx_isolation" if mysql else "SHOW transaction_isolation"
+    with Proxy((str(target.host), int(target.port or 0))) as proxy:
+        autocommit = Database(proxy.url(url), isolation_level="AUTOCOMMIT")
+        per_request = Database(proxy.url(url))
+        try:
+            autocommit().execute(text(f"INSERT INTO {name} (n) VALUES (1)"))
+            autocommit.remove()  # nothing committed by hand: AUTOCOMMIT did
+            proxy.close_all()
+            autocommit().execute(text(f"INSERT INTO {name} (n) VALUES (2)"))
+            autocommit.remove()
+            per_request().execute(text("SELECT 1"))
+            per_request.remove()
+            proxy.close_all()
+            connection = per_request().connection(
+                execution_options={"isolation_level": "SERIALIZABLE"}
+            )
+            level = connection.execute(text(show)).scalar_one()
+            per_request.remove()
+        finally:
+            for db in (autocommit, per_request):
+                db.remove()
+                db.engine.dispose()
+    assert level.upper().replace("-", " ") == "SERIALIZABLE"
+    assert count_rows(url, name) == 2
