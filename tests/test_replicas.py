@@ -388,6 +388,61 @@ def test_a_request_waits_for_the_replica_to_replay(pair: replica_pair.Pair) -> N
             engine.dispose()
 
 
+PLUGIN_CONFTEST = """
+import pytest
+from sqlalchemy import text
+
+from wsgi_scoped import Database
+
+
+@pytest.fixture(scope="session")
+def wsgi_scoped_registry():
+    db = Database({primary!r}, replicas=[{standby!r}])
+    yield db
+    db.engine.dispose()
+    db.replicas[0].dispose()
+
+
+@pytest.fixture
+def wsgi_scoped_app(wsgi_scoped_registry):
+    db = wsgi_scoped_registry
+
+    def app(environ, start_response):
+        if environ["REQUEST_METHOD"] == "POST":
+            db().execute(text("INSERT INTO item (name) VALUES ({name!r})"))
+        found = db().execute(text("SELECT count(*) FROM item WHERE name = {name!r}"))
+        start_response("200 OK", [])
+        return [str(found.scalar_one()).encode()]
+
+    return db.middleware(app, commit=True)
+"""
+
+PLUGIN_TESTS = """
+def test_writes(wsgi_scoped_testapp):
+    wsgi_scoped_testapp.post("/")
+    assert wsgi_scoped_testapp.get("/").text == "1"
+
+
+def test_changes_dont_persist(wsgi_scoped_testapp):
+    assert wsgi_scoped_testapp.get("/").text == "0"
+"""
+
+
+def test_the_pytest_plugin_keeps_requests_in_the_tests_transaction(
+    pair: replica_pair.Pair, pytester: pytest.Pytester
+) -> None:
+    """The plugin binds sessions to the test's connection on the primary:
+    requests are not routed, and their writes are rolled back."""
+    urls = {
+        "primary": pair.primary.render_as_string(),
+        "standby": pair.standby.render_as_string(),
+        "name": uuid.uuid4().hex,
+    }
+    pytester.makeconftest(PLUGIN_CONFTEST.format(**urls))
+    pytester.makepyfile(PLUGIN_TESTS)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=2)
+
+
 @pytest.mark.parametrize(
     ("headers", "checked"),
     [

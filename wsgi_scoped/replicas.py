@@ -223,11 +223,14 @@ def _explain_write(context: t.Any) -> BaseException | None:
 
 
 class _RoutedSession(Session):
-    """A Session whose statements all go to its request's server."""
+    """A Session whose statements all go to its request's server, unless it
+    was bound to something else, such as the pytest plugin's connection."""
 
     _router: t.ClassVar[_Router]
 
-    def get_bind(self, *args: t.Any, **kwargs: t.Any) -> Engine:
+    def get_bind(self, *args: t.Any, **kwargs: t.Any) -> Engine | Connection:
+        if self.bind is not self._router.primary:
+            return super().get_bind(*args, **kwargs)
         return self._router.engine()
 
 
