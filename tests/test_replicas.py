@@ -5,22 +5,30 @@ these tests start (``tests/replica_pair.py``) and hold back with
 
 from __future__ import annotations
 
+import concurrent.futures
+import http.client
+import json
 import logging
 import os
 import re
+import sys
 import threading
 import time
 import typing as t
 import uuid
+from pathlib import Path
 
 import pytest
 import replica_pair
 from conftest import CountingSession
 from proxy import Proxy
+from sqlalchemy import create_engine
 from sqlalchemy import event
 from sqlalchemy import text
 from sqlalchemy.exc import ProgrammingError
 from support import CheckedTestApp
+from support import free_port
+from support import running
 
 from wsgi_scoped import Database
 from wsgi_scoped import ReplicaWriteError
@@ -605,3 +613,82 @@ def test_a_write_costs_one_round_trip_and_a_position_check_one(
         "read": (0, bare),
         "read after write": (0, bare + 1),
     }
+
+
+def http_call(
+    port: int, method: str, path: str, headers: dict[str, str] | None = None
+) -> tuple[dict[str, t.Any], dict[str, str]]:
+    """One request on a new connection: the JSON body and the headers."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    try:
+        connection.request(method, path, headers=headers or {})
+        response = connection.getresponse()
+        assert response.status == 200, response.read()
+        return json.loads(response.read()), dict(response.getheaders())
+    finally:
+        connection.close()
+
+
+def write_then_read(port: int) -> tuple[bool, bool, bool]:
+    """A client's write, then its read with the position it was given:
+    (write on the primary, read on a replica, read found the write)."""
+    name = uuid.uuid4().hex
+    wrote, headers = http_call(port, "POST", f"/?name={name}")
+    read, _ = http_call(
+        port, "GET", f"/?name={name}", {LSN_HEADER: headers[LSN_HEADER]}
+    )
+    return not wrote["replica"], read["replica"], read["found"]
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("worker", ["gthread", "gevent"])
+def test_concurrent_writers_read_their_writes_under_gunicorn(
+    pair: replica_pair.Pair, tmp_path: Path, worker: str
+) -> None:
+    """Concurrent write-then-read clients under a real server: every write on
+    the primary, every read finds its write (0 stale), requests interleaved
+    in one worker never share a role, and no connection is left open in a
+    transaction."""
+    pytest.importorskip("gunicorn", reason="gunicorn is not installed")
+    if worker == "gevent":
+        pytest.importorskip("gevent", reason="gevent is not installed")
+    port = free_port()
+    command = [sys.executable, "-m", "gunicorn", "-k", worker, "-w", "2"]
+    command += ["--threads", "8"] if worker == "gthread" else []
+    command += ["-b", f"127.0.0.1:{port}", "--graceful-timeout", "5", "replica_app:app"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.getcwd()]),
+        "REPLICA_APP_PRIMARY": pair.primary.render_as_string(),
+        "REPLICA_APP_STANDBY": pair.standby.render_as_string(),
+    }
+    log = tmp_path / "gunicorn.log"
+    with running(command, cwd=tmp_path, env=env, log=log) as proc:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                http_call(port, "GET", "/")
+                break
+            except OSError:
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(lambda _: write_then_read(port), range(200)))
+        assert all(primary for primary, _, _ in results)
+        assert all(found for _, _, found in results), "stale reads"
+        replica_reads = sum(replica for _, replica, _ in results)
+        # Reads that found the replica behind after 20 ms used the primary.
+        assert replica_reads > 0
+        idle = text(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
+            " 'wsgi_scoped_replica_app' AND state LIKE 'idle in transaction%'"
+        )
+        for url in (pair.primary, pair.standby):
+            engine = create_engine(url)
+            try:
+                with engine.connect() as connection:
+                    assert connection.execute(idle).scalar() == 0
+            finally:
+                engine.dispose()
+        print(f"{worker}: {replica_reads} of {len(results)} reads on the replica")
