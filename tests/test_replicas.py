@@ -235,6 +235,49 @@ def test_a_session_outside_requests_uses_the_primary(db: Database) -> None:
     db().commit()
 
 
+def in_child(work: t.Callable[[], object]) -> t.Any:
+    """Run ``work`` in a forked child and return its JSON result."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child, which never returns
+        code = 1
+        try:
+            os.close(read)
+            os.write(write, json.dumps(work()).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        output = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child failed"
+    return json.loads(output)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
+def test_a_forked_child_never_uses_the_parents_replica_connections(
+    db: Database,
+) -> None:
+    """gunicorn --preload: the replicas' pools are fresh in the child too."""
+    pids: list[int] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        pids.append(db().execute(text("SELECT pg_backend_pid()")).scalar_one())
+        start_response("200 OK", [])
+        return []
+
+    middleware = db.middleware(app)
+
+    def get() -> int:
+        middleware({"REQUEST_METHOD": "GET"}, lambda *a: None)
+        return pids[-1]
+
+    parent = get()  # its replica connection is pooled now
+    assert in_child(get) != parent
+    assert get() == parent
+
+
 def test_a_session_class_keeps_its_type(pair: replica_pair.Pair) -> None:
     db = make_db(pair, class_=CountingSession)
     try:
