@@ -229,6 +229,32 @@ def test_a_retried_request_keeps_its_role(db: Database) -> None:
     assert roles == [True, True]
 
 
+def test_two_databases_route_one_request_each_their_own_way(
+    db: Database, pair: replica_pair.Pair
+) -> None:
+    """Two replicated databases around one request (two middleware layers):
+    use_primary() on one leaves the other on its replica."""
+    other = make_db(pair)
+    roles: dict[str, bool] = {}
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        other.use_primary()
+        for label, database in (("db", db), ("other", other)):
+            query = text("SELECT pg_is_in_recovery()")
+            roles[label] = database().execute(query).scalar_one()
+        start_response("200 OK", [])
+        return []
+
+    try:
+        layered = db.middleware(other.middleware(app))
+        layered({"REQUEST_METHOD": "GET"}, lambda *a: None)
+        assert roles == {"db": True, "other": False}
+    finally:
+        other.remove()
+        for engine in (other.engine, *other.replicas):
+            engine.dispose()
+
+
 def test_a_session_outside_requests_uses_the_primary(db: Database) -> None:
     db.use_primary()  # nothing to do outside a request
     assert db().execute(text("SELECT pg_is_in_recovery()")).scalar() is False

@@ -29,7 +29,6 @@ from ._arguments import _require_seconds
 from ._sockets import SOCKET_DRIVERS
 from ._sockets import _closed_while_idle
 from .middleware import ScopedSessionMiddleware
-from .replicas import _committed
 from .replicas import _routed_class
 from .replicas import _Router
 from .scope import _ScopeRegistry
@@ -152,7 +151,7 @@ class Database(scoped_session[Session]):
         factory = sessionmaker(self.engine, **session_options)
         _guard_commits(factory)  # in scripts and CLI commands too
         if self._router is not None:
-            event.listen(factory, "after_commit", _committed)
+            event.listen(factory, "after_commit", self._router.committed)
         if scopefunc is None:
             super().__init__(factory)
             self.registry = _ScopeRegistry(factory, self._check_fork)

@@ -80,12 +80,6 @@ class _Route:
         self.committed = False
 
 
-#: The route of the request running in this thread or greenlet.
-_current: contextvars.ContextVar[_Route | None] = contextvars.ContextVar(
-    "wsgi_scoped_route", default=None
-)
-
-
 class _Router:
     """Chooses, for each request, the engine every statement goes to."""
 
@@ -95,7 +89,12 @@ class _Router:
         self.primary = primary
         self.replicas = tuple(replicas)
         self.wait = wait
-        event.listen(primary, "after_cursor_execute", _note_write)
+        #: The route of this router's request in this thread or greenlet;
+        #: one variable per router, so two databases route independently.
+        self._current: contextvars.ContextVar[_Route | None] = contextvars.ContextVar(
+            "wsgi_scoped_route", default=None
+        )
+        event.listen(primary, "after_cursor_execute", self._note_write)
         for engine in self.replicas:
             event.listen(engine, "handle_error", _explain_write)
 
@@ -106,7 +105,7 @@ class _Router:
         wrapped so that a response to a write carries the WAL position."""
         safe = environ.get("REQUEST_METHOD") in SAFE_METHODS
         route = _Route(_token(environ) if safe else None, not safe)
-        _current.set(route)
+        self._current.set(route)
 
         def respond(
             status: str, headers: list[tuple[str, str]], exc_info: t.Any = None
@@ -118,12 +117,12 @@ class _Router:
         return respond
 
     def finish(self) -> None:
-        _current.set(None)
+        self._current.set(None)
 
     def engine(self) -> Engine:
         """The current request's engine, chosen at its first statement; the
         primary outside requests."""
-        route = _current.get()
+        route = self._current.get()
         if route is None:
             return self.primary
         if route.engine is None:
@@ -131,7 +130,7 @@ class _Router:
         return route.engine
 
     def use_primary(self) -> None:
-        route = _current.get()
+        route = self._current.get()
         if route is None:
             return  # outside a request every session uses the primary
         if route.engine is not None and route.engine is not self.primary:
@@ -157,6 +156,28 @@ class _Router:
                     return False
                 time.sleep(min(_POLL, left))
         return True
+
+    def _note_write(
+        self,
+        connection: t.Any,
+        cursor: t.Any,
+        statement: str,
+        parameters: t.Any,
+        context: t.Any,
+        executemany: bool,
+    ) -> None:
+        """A statement ran on the primary: note whether it wrote."""
+        route = self._current.get()
+        if route is not None and not route.wrote:
+            tag = getattr(cursor, "statusmessage", None) or ""
+            route.wrote = tag.partition(" ")[0] not in _READS
+
+    def committed(self, session: Session) -> None:
+        """The sessionmaker's ``after_commit``: after a write, the response
+        will carry the position."""
+        route = self._current.get()
+        if route is not None and route.wrote:
+            route.committed = True
 
     def _position_headers(self, environ: WSGIEnvironment) -> list[tuple[str, str]]:
         """The primary's WAL position as a header and a cookie; none if it
@@ -189,28 +210,6 @@ def _token(environ: WSGIEnvironment) -> str | None:
         if found:
             return found.group(1)
     return None
-
-
-def _note_write(
-    connection: t.Any,
-    cursor: t.Any,
-    statement: str,
-    parameters: t.Any,
-    context: t.Any,
-    executemany: bool,
-) -> None:
-    """A statement ran on the primary: note whether it wrote."""
-    route = _current.get()
-    if route is not None and not route.wrote:
-        tag = getattr(cursor, "statusmessage", None) or ""
-        route.wrote = tag.partition(" ")[0] not in _READS
-
-
-def _committed(session: Session) -> None:  # the sessionmaker's after_commit
-    """A session's transaction committed: after a write, send the position."""
-    route = _current.get()
-    if route is not None and route.wrote:
-        route.committed = True
 
 
 def _explain_write(context: t.Any) -> BaseException | None:
