@@ -20,6 +20,7 @@ def test_all_lists_exactly_the_public_names() -> None:
         "middleware",
         "observe",
         "pytest_plugin",
+        "replicas",
         "scope",
         "transaction",
     }

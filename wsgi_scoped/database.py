@@ -25,9 +25,12 @@ from sqlalchemy.orm import scoped_session
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import QueuePool
 
+from ._arguments import _require_seconds
 from ._sockets import SOCKET_DRIVERS
 from ._sockets import _closed_while_idle
 from .middleware import ScopedSessionMiddleware
+from .replicas import _routed_class
+from .replicas import _Router
 from .scope import _ScopeRegistry
 from .transaction import _guard_commits
 
@@ -48,6 +51,12 @@ _NO_URL = (
 #: Seconds a SQLite connection waits for another one's write lock.
 SQLITE_BUSY_TIMEOUT = 15
 
+_NOT_YET = (
+    "Database(replicas=...) is not yet supported for {backend}: read replicas"
+    " need PostgreSQL (its WAL positions give read-your-writes). Fix: drop"
+    " 'replicas', or use PostgreSQL URLs for the primary and every replica."
+)
+
 
 class Database(scoped_session[Session]):
     """Create an engine for ``url`` and a session registry scoped to the
@@ -67,8 +76,18 @@ class Database(scoped_session[Session]):
     -   The session of a thread or greenlet that ended without ``remove()``
         is closed, its connection back in the pool, when the next session
         is created.
+    -   With ``replicas`` (PostgreSQL): each request served by the
+        middleware uses one server, a replica for GET, HEAD and OPTIONS, the
+        primary for other methods or after :meth:`use_primary`; a response
+        to a committed write carries the primary's WAL position, and a
+        request that sends it back reads a replica only once the replica
+        has replayed it (README: Read replicas).
 
     :param url: the database URL; ``None`` reads ``DATABASE_URL``.
+    :param replicas: URLs of streaming replicas of ``url``; each gets an
+        engine with the same options as the primary's.
+    :param replica_wait: seconds a request that sent back a WAL position
+        waits for a replica to replay it before it uses the primary.
     :param scopefunc: the key of the current scope; ``None`` means the
         current greenlet, else thread (as :func:`get_ident`), held weakly.
     :param options: session options (the keyword arguments of
@@ -77,6 +96,8 @@ class Database(scoped_session[Session]):
         :func:`~sqlalchemy.create_engine` and override the defaults above.
     :raises TypeError: if there is no URL, or an option is not one of
         ``Session``'s or ``create_engine()``'s.
+    :raises ValueError: if ``replicas`` are given for a database other
+        than PostgreSQL.
 
     .. code-block:: python
 
@@ -87,13 +108,18 @@ class Database(scoped_session[Session]):
     .. versionadded:: 0.1
     """
 
-    #: The :class:`~sqlalchemy.Engine` every session is bound to.
+    #: The :class:`~sqlalchemy.Engine` of the primary, which sessions use
+    #: outside requests.
     engine: Engine
+    #: The engines of the ``replicas``, in their order; empty without.
+    replicas: tuple[Engine, ...]
 
     def __init__(
         self,
         url: str | URL | None = None,
         *,
+        replicas: t.Iterable[str | URL] | None = None,
+        replica_wait: float = 0.02,
         scopefunc: t.Callable[[], t.Hashable] | None = None,
         **options: t.Any,
     ) -> None:
@@ -102,16 +128,20 @@ class Database(scoped_session[Session]):
         if not url:
             raise TypeError(_NO_URL)
         url = make_url(url)
+        replica_urls = _replica_urls(url, replicas)
         session_options = {k: options.pop(k) for k in _SESSION_OPTIONS & set(options)}
-        url, engine_options, self._keeper = _engine_defaults(url)
-        connect_args = {**engine_options.pop("connect_args", {})}
-        connect_args.update(options.pop("connect_args", {}))
-        engine_options.update(options)
-        if connect_args:
-            engine_options["connect_args"] = connect_args
-        self.engine = create_engine(url, **engine_options)
-        if url.get_driver_name() in SOCKET_DRIVERS:
-            event.listen(self.engine, "checkout", _closed_while_idle)
+        _require_seconds("replica_wait", replica_wait)
+        self.engine, self._keeper = _create_engine(url, options)
+        self.replicas = tuple(_create_engine(each, options)[0] for each in replica_urls)
+        self._router: _Router | None = None
+        if self.replicas:
+            self._router = _Router(self.engine, self.replicas, replica_wait)
+            session_options["class_"] = _routed_class(
+                session_options.get("class_", Session), self._router
+            )
+            #: The middleware's per-request hooks (README: Read replicas).
+            self._request_started = self._router.start
+            self._request_finished = self._router.finish
         # The process that owns the pool and the registered sessions.
         self._pid = os.getpid()
         self._fork_lock = threading.Lock()
@@ -120,6 +150,8 @@ class Database(scoped_session[Session]):
         self._forked_sessions: list[Session] = []
         factory = sessionmaker(self.engine, **session_options)
         _guard_commits(factory)  # in scripts and CLI commands too
+        if self._router is not None:
+            event.listen(factory, "after_commit", self._router.committed)
         if scopefunc is None:
             super().__init__(factory)
             self.registry = _ScopeRegistry(factory, self._check_fork)
@@ -147,8 +179,22 @@ class Database(scoped_session[Session]):
             sessions = self.registry.registry
             self._forked_sessions.extend(sessions.values())
             sessions.clear()
-            self.engine.dispose(close=False)
+            for engine in (self.engine, *self.replicas):
+                engine.dispose(close=False)
             self._pid = os.getpid()
+
+    def use_primary(self) -> None:
+        """Send the current request's statements to the primary, not to a
+        replica; call it in the handler before the first query. Without
+        ``replicas``, or outside a request, there is nothing to do.
+
+        :raises WsgiScopedError: if the request's first query already ran
+            on a replica.
+
+        .. versionadded:: 0.1
+        """
+        if self._router is not None:
+            self._router.use_primary()
 
     def middleware(
         self, app: WSGIApplication, **options: t.Any
@@ -179,6 +225,40 @@ class Database(scoped_session[Session]):
     def __repr__(self) -> str:
         url = self.engine.url.render_as_string(hide_password=True)
         return f"<{type(self).__name__} {url!r}>"
+
+
+def _create_engine(
+    url: URL, options: dict[str, t.Any]
+) -> tuple[Engine, sqlite3.Connection | None]:
+    """An engine for ``url`` with the defaults for its dialect, overridden
+    by ``options``; and for in-memory SQLite the connection keeping it."""
+    url, engine_options, keeper = _engine_defaults(url)
+    connect_args = {**engine_options.pop("connect_args", {})}
+    connect_args.update(options.get("connect_args", {}))
+    engine_options.update(options)
+    if connect_args:
+        engine_options["connect_args"] = connect_args
+    engine = create_engine(url, **engine_options)
+    if url.get_driver_name() in SOCKET_DRIVERS:
+        event.listen(engine, "checkout", _closed_while_idle)
+    return engine, keeper
+
+
+def _replica_urls(primary: URL, replicas: t.Iterable[str | URL] | None) -> list[URL]:
+    """The replicas' URLs, checked: a list of PostgreSQL URLs, as the
+    primary's must be."""
+    if replicas is None:
+        return []
+    if isinstance(replicas, (str, URL)):
+        raise TypeError(
+            "'replicas' must be a list of URLs, got one URL. Fix:"
+            " Database(url, replicas=[replica_url])."
+        )
+    urls = [make_url(each) for each in replicas]
+    backends = {url.get_backend_name() for url in (primary, *urls)} - {"postgresql"}
+    if urls and backends:
+        raise ValueError(_NOT_YET.format(backend=" and ".join(sorted(backends))))
+    return urls
 
 
 def _engine_defaults(

@@ -47,6 +47,19 @@ class AbortedTransactionError(WsgiScopedError):
     """
 
 
+class ReplicaWriteError(WsgiScopedError):
+    """A statement tried to write on a read replica (PostgreSQL SQLSTATE
+    ``25006``): the request has a safe method (GET, HEAD, OPTIONS), so
+    :class:`Database` sent it to a replica. The driver's error is the
+    ``__cause__``.
+
+    Call ``db.use_primary()`` in the handler before its first query, or send
+    writes with another method.
+
+    .. versionadded:: 0.1
+    """
+
+
 def _loggable(value: object) -> str:
     """``value``, from the request, as text that cannot start a log line or
     control a terminal: UTF-8 bytes are decoded, and line breaks, control

@@ -48,6 +48,7 @@ if t.TYPE_CHECKING:
 #: Environ key holding the registries whose sessions an outer layer manages.
 _ACTIVE = "wsgi_scoped.active"
 _Registries = tuple["scoped_session[t.Any]", ...]
+_RequestStarted = t.Callable[["WSGIEnvironment", "StartResponse"], "StartResponse"]
 #: Environ key holding the attempt number (1, 2, ...) under commit=True.
 _ATTEMPT = "wsgi_scoped.attempt"
 #: Environ key of a session a test hands to the request; the test owns it.
@@ -212,6 +213,11 @@ class ScopedSessionMiddleware:
         self._hold = commit or server_timing
         self._concurrency_checked = False
         _guard_commits(registry.session_factory)
+        #: A registry's optional per-request hook, such as Database's with
+        #: replicas; ``_end()`` calls its ``_request_finished()``.
+        self._started: _RequestStarted | None = getattr(
+            registry, "_request_started", None
+        )
 
     def __repr__(self) -> str:
         return f"<ScopedSessionMiddleware({self.app!r}{_describe(self._policy)})>"
@@ -242,6 +248,8 @@ class ScopedSessionMiddleware:
             return self._transaction(environ, start_response, outer)
         if self._observer is not None:
             self._observer.start(environ)
+        if self._started is not None:
+            start_response = self._started(environ, start_response)
 
         try:
             body = self.app(environ, start_response)
@@ -283,7 +291,10 @@ class ScopedSessionMiddleware:
             if self._observer is not None:
                 self._observer.start(environ)
             finish = functools.partial(_finish_handler, self.registry, veto, environ)
-            response = _HeldResponse(start_response, finish)
+            server_start = start_response
+            if self._started is not None:
+                server_start = self._started(environ, start_response)
+            response = _HeldResponse(server_start, finish)
             try:
                 return self._attempt(environ, response, outer, replay)
             except BaseException as error:
@@ -490,6 +501,9 @@ def _end(
             finally:
                 sessions.clear()
     finally:
+        finished = getattr(registry, "_request_finished", None)
+        if finished is not None:
+            finished()
         if stats is not None:
             stats._observer.finish(stats, environ)
 

@@ -1,0 +1,211 @@
+"""A private PostgreSQL primary and a streaming hot standby, on free ports of
+127.0.0.1, for ``tests/test_replicas.py``: ``initdb``, ``pg_basebackup -R``,
+both stopped at the end. The standby can be held back deterministically with
+:func:`paused_replay`."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import typing as t
+from pathlib import Path
+
+from sqlalchemy import URL
+from sqlalchemy import Engine
+from sqlalchemy import create_engine
+from sqlalchemy import text
+from sqlalchemy.pool import NullPool
+
+#: The programs the pair needs, found on PATH or in Debian's versioned directory.
+_PROGRAMS = ("initdb", "pg_ctl", "pg_basebackup", "postgres")
+#: The user the servers run as when the tests run as root, which initdb refuses.
+RUN_AS = "postgres"
+#: Seconds any step of starting or stopping the pair may take.
+_TIMEOUT = 60
+
+
+@dataclasses.dataclass
+class Pair:
+    primary: URL
+    standby: URL
+    directory: Path
+
+
+def _find(program: str) -> str | None:
+    found = shutil.which(program)
+    if found:
+        return found
+    versions = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{program}"))
+    return versions[-1] if versions else None
+
+
+def unusable_reason() -> str | None:
+    """Why the pair cannot run here, or ``None`` if it can."""
+    missing = [program for program in _PROGRAMS if _find(program) is None]
+    if missing:
+        return (
+            f"the PostgreSQL server programs {', '.join(missing)} are not installed"
+            " (Debian: apt-get install postgresql)"
+        )
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam(RUN_AS)
+        except KeyError:
+            return f"initdb refuses to run as root, and there is no {RUN_AS!r} user"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _run(command: list[str], directory: Path) -> None:
+    program = _find(command[0])
+    if program is None:  # pragma: no cover - unusable_reason() said so first
+        raise RuntimeError(f"{command[0]} is not installed")
+    full = [program, *command[1:]]
+    if os.geteuid() == 0:
+        full = ["runuser", "-u", RUN_AS, "--", *full]
+    result = subprocess.run(
+        full,
+        cwd=directory,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=_TIMEOUT,
+    )
+    if result.returncode:
+        logs = "\n".join(
+            path.read_text(errors="replace")[-3000:] for path in directory.glob("*.log")
+        )
+        raise RuntimeError(
+            f"{' '.join(command)} exited with {result.returncode}:\n"
+            f"{result.stdout.decode(errors='replace')}"
+            f"{result.stderr.decode(errors='replace')}\n{logs}"
+        )
+
+
+def _start(directory: Path, name: str, port: int) -> None:
+    options = f"-p {port} -c listen_addresses=127.0.0.1 -k {directory}"
+    log = f"{name}.log"
+    _run(
+        ["pg_ctl", "-D", name, "-l", log, "-w", "-t", "30", "-o", options, "start"],
+        directory,
+    )
+
+
+@contextlib.contextmanager
+def run_pair() -> t.Iterator[Pair]:
+    """Start a primary and a hot standby streaming from it, each on a free
+    port of 127.0.0.1, with a table ``item (id serial, name text)``; yield
+    their URLs once the standby has replayed that table, and stop both on
+    exit."""
+    # Not pytest's tmp_path: the servers may run as another user, who cannot
+    # enter root's 0700 pytest directory.
+    directory = Path(tempfile.mkdtemp(prefix="wsgi_scoped_pair_"))
+    started: list[str] = []
+    try:
+        if os.geteuid() == 0:
+            entry = pwd.getpwnam(RUN_AS)
+            os.chown(directory, entry.pw_uid, entry.pw_gid)
+        primary_port, standby_port = _free_port(), _free_port()
+        _run(
+            ["initdb", "-D", "primary", "-U", "postgres", "--auth=trust", "--no-sync"],
+            directory,
+        )
+        with (directory / "primary" / "postgresql.conf").open("a") as conf:
+            # Speed for throwaway servers; synchronous_commit stays on.
+            conf.write("fsync = off\nfull_page_writes = off\n")
+        _start(directory, "primary", primary_port)
+        started.append("primary")
+        _run(
+            [
+                "pg_basebackup",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(primary_port),
+                "-U",
+                "postgres",
+                "-D",
+                "standby",
+                "-R",
+                "--no-sync",
+                "--checkpoint=fast",
+            ],
+            directory,
+        )
+        _start(directory, "standby", standby_port)
+        started.append("standby")
+        url = URL.create(
+            "postgresql+psycopg",
+            username="postgres",
+            host="127.0.0.1",
+            database="postgres",
+        )
+        pair = Pair(url.set(port=primary_port), url.set(port=standby_port), directory)
+        with _engine(pair.primary) as primary:
+            with primary.begin() as connection:
+                connection.execute(
+                    text("CREATE TABLE item (id serial PRIMARY KEY, name text)")
+                )
+            wait_for_replay(pair.standby, current_lsn(primary))
+        yield pair
+    finally:
+        for name in reversed(started):
+            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+                _run(["pg_ctl", "-D", name, "-m", "immediate", "-w", "stop"], directory)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _engine(url: URL) -> t.Iterator[Engine]:
+    engine = create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 5})
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def current_lsn(primary: Engine) -> str:
+    """The primary's WAL position, read after the caller's commit."""
+    with primary.connect() as connection:
+        lsn = connection.execute(text("SELECT pg_current_wal_lsn()")).scalar_one()
+        return str(lsn)
+
+
+def wait_for_replay(standby: URL, position: str, timeout: float = 15) -> None:
+    """Wait until ``standby`` has replayed the primary's WAL up to
+    ``position``, polling for at most ``timeout`` seconds."""
+    query = text("SELECT pg_last_wal_replay_lsn() >= CAST(:lsn AS pg_lsn)")
+    deadline = time.monotonic() + timeout
+    with _engine(standby) as engine, engine.connect() as connection:
+        while not connection.execute(query, {"lsn": position}).scalar():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the standby did not replay {position} in time")
+            time.sleep(0.01)
+            connection.rollback()
+
+
+@contextlib.contextmanager
+def paused_replay(standby: URL) -> t.Iterator[None]:
+    """Hold the standby back: it receives the primary's WAL but applies none
+    of it until the block ends (``pg_wal_replay_pause()``), so a test sees a
+    lagging replica without sleeping."""
+    with _engine(standby) as engine, engine.connect() as connection:
+        connection.execute(text("SELECT pg_wal_replay_pause()"))
+        connection.commit()
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_wal_replay_resume()"))
+            connection.commit()

@@ -1,0 +1,238 @@
+"""Read replicas for :class:`Database`: the role (primary or replica) is chosen
+once per request, and a client that wrote is sent the primary's WAL position,
+so that its next reads go to a replica only once the replica has replayed it.
+
+The middleware knows nothing of roles: it calls the registry's optional
+``_request_started(environ, start_response)`` as a request (or a retried
+attempt) starts, and ``_request_finished()`` as its session is ended.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import random
+import re
+import time
+import typing as t
+
+from sqlalchemy import Connection
+from sqlalchemy import Engine
+from sqlalchemy import event
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from .exceptions import ReplicaWriteError
+from .exceptions import WsgiScopedError
+from .exceptions import _log_failure
+
+if t.TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse
+    from _typeshed.wsgi import WSGIEnvironment
+
+#: Methods that only read (RFC 9110 "safe"), served by a replica.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: The response header, and request header, carrying the primary's WAL position.
+LSN_HEADER = "X-Wsgi-Scoped-Lsn"
+_LSN_ENVIRON = "HTTP_X_WSGI_SCOPED_LSN"
+#: The cookie carrying it for browsers.
+LSN_COOKIE = "wsgi_scoped_lsn"
+#: A pg_lsn as PostgreSQL prints it; anything else a client sends is ignored.
+_LSN = re.compile(r"[0-9A-F]{1,8}/[0-9A-F]{1,8}")
+_LSN_IN_COOKIE = re.compile(
+    rf"(?:^|[;,]\s*){LSN_COOKIE}=([0-9A-F]{{1,8}}/[0-9A-F]{{1,8}})\s*(?:[;,]|$)"
+)
+#: Status tags (psycopg's ``cursor.statusmessage``) of statements that write
+#: nothing; any other statement on the primary makes a commit a write.
+_READS = frozenset(
+    {"SELECT", "SHOW", "SET", "RESET", "SAVEPOINT", "RELEASE", "ROLLBACK", "FETCH"}
+)
+#: Seconds between two looks at a replica's replay position.
+_POLL = 0.002
+_REPLAYED = text("SELECT pg_last_wal_replay_lsn() >= CAST(:lsn AS pg_lsn)")
+_POSITION = text("SELECT pg_current_wal_lsn()")
+
+_READ_ONLY = "25006"  # PostgreSQL's read_only_sql_transaction
+_WRITE_ON_REPLICA = (
+    "This request is served by a read replica, which refuses writes"
+    " (SQLSTATE 25006): {error}. Requests with a safe method (GET, HEAD,"
+    " OPTIONS) read from a replica. Fix: call db.use_primary() in the handler"
+    " before its first query, or send the write with POST, PUT, PATCH or DELETE."
+)
+_TOO_LATE = (
+    "db.use_primary() was called after this request's first query, which ran"
+    " on a read replica: all statements of a request go to one server. Fix:"
+    " call db.use_primary() at the start of the handler, before any query."
+)
+
+
+class _Route:
+    """One request's role: decided at its first statement, then kept."""
+
+    __slots__ = ("token", "engine", "primary", "wrote", "committed")
+
+    def __init__(self, token: str | None, primary: bool) -> None:
+        self.token = token
+        self.primary = primary
+        self.engine: Engine | None = None
+        #: A statement that writes ran on the primary (maybe rolled back).
+        self.wrote = False
+        #: A transaction that wrote has committed: the response gets a token.
+        self.committed = False
+
+
+class _Router:
+    """Chooses, for each request, the engine every statement goes to."""
+
+    def __init__(
+        self, primary: Engine, replicas: t.Sequence[Engine], wait: float
+    ) -> None:
+        self.primary = primary
+        self.replicas = tuple(replicas)
+        self.wait = wait
+        #: The route of this router's request in this thread or greenlet;
+        #: one variable per router, so two databases route independently.
+        self._current: contextvars.ContextVar[_Route | None] = contextvars.ContextVar(
+            "wsgi_scoped_route", default=None
+        )
+        event.listen(primary, "after_cursor_execute", self._note_write)
+        for engine in self.replicas:
+            event.listen(engine, "handle_error", _explain_write)
+
+    def start(
+        self, environ: WSGIEnvironment, start_response: StartResponse
+    ) -> StartResponse:
+        """Give the request a route, and the server's ``start_response``
+        wrapped so that a response to a write carries the WAL position."""
+        safe = environ.get("REQUEST_METHOD") in SAFE_METHODS
+        route = _Route(_token(environ) if safe else None, not safe)
+        self._current.set(route)
+
+        def respond(
+            status: str, headers: list[tuple[str, str]], exc_info: t.Any = None
+        ) -> t.Callable[[bytes], object]:
+            if route.committed:
+                headers = [*headers, *self._position_headers(environ)]
+            return start_response(status, headers, exc_info)
+
+        return respond
+
+    def finish(self) -> None:
+        self._current.set(None)
+
+    def engine(self) -> Engine:
+        """The current request's engine, chosen at its first statement; the
+        primary outside requests."""
+        route = self._current.get()
+        if route is None:
+            return self.primary
+        if route.engine is None:
+            route.engine = self._choose(route)
+        return route.engine
+
+    def use_primary(self) -> None:
+        route = self._current.get()
+        if route is None:
+            return  # outside a request every session uses the primary
+        if route.engine is not None and route.engine is not self.primary:
+            raise WsgiScopedError(_TOO_LATE)
+        route.primary = True
+
+    def _choose(self, route: _Route) -> Engine:
+        if route.primary:
+            return self.primary
+        replica = random.choice(self.replicas)
+        if route.token is None or self._replayed(replica, route.token):
+            return replica
+        return self.primary
+
+    def _replayed(self, replica: Engine, token: str) -> bool:
+        """Whether ``replica`` has replayed the WAL up to ``token``, waiting
+        at most ``wait`` seconds for it."""
+        deadline = time.monotonic() + self.wait
+        with _autocommit(replica) as connection:
+            while not connection.execute(_REPLAYED, {"lsn": token}).scalar():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                time.sleep(min(_POLL, left))
+        return True
+
+    def _note_write(
+        self,
+        connection: t.Any,
+        cursor: t.Any,
+        statement: str,
+        parameters: t.Any,
+        context: t.Any,
+        executemany: bool,
+    ) -> None:
+        """A statement ran on the primary: note whether it wrote."""
+        route = self._current.get()
+        if route is not None and not route.wrote:
+            tag = getattr(cursor, "statusmessage", None) or ""
+            route.wrote = tag.partition(" ")[0] not in _READS
+
+    def committed(self, session: Session) -> None:
+        """The sessionmaker's ``after_commit``: after a write, the response
+        will carry the position."""
+        route = self._current.get()
+        if route is not None and route.wrote:
+            route.committed = True
+
+    def _position_headers(self, environ: WSGIEnvironment) -> list[tuple[str, str]]:
+        """The primary's WAL position as a header and a cookie; none if it
+        cannot be read (the commit stands, so the failure is only logged)."""
+        try:
+            with _autocommit(self.primary) as connection:
+                lsn = str(connection.execute(_POSITION).scalar_one())
+        except Exception:
+            _log_failure("Reading the primary's WAL position", environ)
+            return []
+        secure = "; Secure" if environ.get("wsgi.url_scheme") == "https" else ""
+        cookie = f"{LSN_COOKIE}={lsn}; Path=/; HttpOnly; SameSite=Lax{secure}"
+        return [(LSN_HEADER, lsn), ("Set-Cookie", cookie)]
+
+
+def _autocommit(engine: Engine) -> Connection:
+    """A connection that sends each statement alone, without BEGIN and
+    ROLLBACK: one round trip per statement."""
+    return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+
+def _token(environ: WSGIEnvironment) -> str | None:
+    """The WAL position the client sent back, if it is well-formed."""
+    header = environ.get(_LSN_ENVIRON)
+    if header is not None:
+        return header if _LSN.fullmatch(header) else None
+    cookie = environ.get("HTTP_COOKIE")
+    if cookie and LSN_COOKIE in cookie:
+        found = _LSN_IN_COOKIE.search(cookie)
+        if found:
+            return found.group(1)
+    return None
+
+
+def _explain_write(context: t.Any) -> BaseException | None:
+    """Replace a replica's "read-only transaction" error with one that says
+    how to send the request to the primary."""
+    error = context.original_exception
+    if getattr(error, "sqlstate", None) != _READ_ONLY:
+        return None
+    return ReplicaWriteError(_WRITE_ON_REPLICA.format(error=error))
+
+
+class _RoutedSession(Session):
+    """A Session whose statements all go to its request's server, unless it
+    was bound to something else, such as the pytest plugin's connection."""
+
+    _router: t.ClassVar[_Router]
+
+    def get_bind(self, *args: t.Any, **kwargs: t.Any) -> Engine | Connection:
+        if self.bind is not self._router.primary:
+            return super().get_bind(*args, **kwargs)
+        return self._router.engine()
+
+
+def _routed_class(base: type[Session], router: _Router) -> type[Session]:
+    """``base`` (Session or the user's subclass), routing its statements."""
+    return type(f"Routed{base.__name__}", (_RoutedSession, base), {"_router": router})
