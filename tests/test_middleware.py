@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import logging
+import re
+import sys
 import typing as t
 import wsgiref.util
 
@@ -845,4 +847,125 @@ def test_second_start_response_without_exc_info_is_an_error(
     wrapped = ScopedSessionMiddleware(app, registry, **options)
     with pytest.raises(AssertionError, match="(?i)headers already set|second time"):
         wrapped(environ, handler.start_response)
+    assert not registry.registry.has()
+
+
+def test_nested_refusal_names_both_layers(
+    registry: Registry, environ: WSGIEnvironment
+) -> None:
+    """The error says which layer sits inside which, each with its options,
+    so the duplicate wrapping can be found in the app's set-up."""
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    inner = ScopedSessionMiddleware(app, registry, commit=True, retries=2)
+    outer = ScopedSessionMiddleware(inner, registry, commit=True)
+    expected = (
+        f"{inner!r} is wrapped inside {outer!r} for the same registry."
+        " The outer layer manages this request's session"
+    )
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        outer(environ, StartResponseRecorder())
+    assert not registry.registry.has()
+
+
+def test_inner_layer_with_options_refused_under_a_hand_made_marker(
+    registry: Registry, environ: WSGIEnvironment
+) -> None:
+    """An environ marked active by other code (no layer recorded) still gets
+    the clear refusal for an inner layer with options, not an AttributeError."""
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    environ["wsgi_scoped.active"] = (registry,)
+    inner = ScopedSessionMiddleware(app, registry, commit=True)
+    with pytest.raises(
+        ValueError, match=re.escape(f"{inner!r} is wrapped inside None")
+    ):
+        inner(environ, StartResponseRecorder())
+
+
+def test_repr_shows_the_app_and_the_options_that_differ_from_the_defaults(
+    registry: Registry,
+) -> None:
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        raise NotImplementedError
+
+    def veto(environ: WSGIEnvironment, status: str, headers: t.Any) -> bool:
+        return False
+
+    assert repr(ScopedSessionMiddleware(app, registry)) == (
+        f"<ScopedSessionMiddleware({app!r})>"
+    )
+    wrapped = ScopedSessionMiddleware(
+        app, registry, commit=True, commit_veto=veto, retries=2, trace="X-Request-Id"
+    )
+    assert repr(wrapped) == (
+        f"<ScopedSessionMiddleware({app!r}, commit=True,"
+        f" commit_veto={veto.__qualname__!r}, retries=2, trace='X-Request-Id')>"
+    )
+
+
+@pytest.mark.parametrize(
+    "options", [{"commit": True}, {"server_timing": True}], ids=["commit", "timing"]
+)
+def test_held_second_start_response_error_says_what_pep_3333_allows(
+    registry: Registry, environ: WSGIEnvironment, options: dict[str, t.Any]
+) -> None:
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        start_response("200 OK", [])
+        start_response("201 Created", [])
+        return [b"which?"]
+
+    start_response = StartResponseRecorder()
+    message = (
+        "start_response() was called a second time without exc_info: PEP 3333"
+        " allows a second call only to replace the status of an error, with"
+        " exc_info=sys.exc_info()."
+    )
+    with pytest.raises(AssertionError, match=f"^{re.escape(message)}$"):
+        ScopedSessionMiddleware(app, registry, **options)(environ, start_response)
+    assert start_response.calls == []
+    assert not registry.registry.has()
+
+
+def test_error_after_the_status_went_out_reaches_the_server_as_given(
+    registry: Registry, environ: WSGIEnvironment
+) -> None:
+    """Under commit=True, a body that fails after its status was sent and
+    calls start_response with exc_info: the server gets that call as made
+    (status, headers and exc_info), so it can re-raise and drop the
+    connection (PEP 3333)."""
+    seen: list[t.Any] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+
+        def body() -> t.Iterator[bytes]:
+            yield b"half"
+            try:
+                raise RuntimeError("the body failed")
+            except RuntimeError:
+                seen.append(sys.exc_info())
+                start_response("500 Internal Server Error", [("X-Error", "1")], seen[0])
+            yield b"never"
+
+        return body()
+
+    start_response = StartResponseRecorder()
+    served = ScopedSessionMiddleware(app, registry, commit=True)(
+        environ, start_response
+    )
+    try:
+        assert list(served) == [b"half", b"never"]
+    finally:
+        served.close()  # type: ignore[attr-defined]
+    assert start_response.calls == [
+        ("200 OK", [("Content-Type", "text/plain")], None),
+        ("500 Internal Server Error", [("X-Error", "1")], seen[0]),
+    ]
     assert not registry.registry.has()
