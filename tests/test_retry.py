@@ -468,3 +468,39 @@ def test_body_never_read_is_never_waited_for(
             server.close()
     assert attempts == [1, 2]
     assert count_items(engine) == 1
+
+
+@pytest.mark.parametrize(
+    "length",
+    [
+        pytest.param("101", id="over replay_limit"),
+        pytest.param("12x", id="not a number"),
+        pytest.param("\u0661\u0662", id="non-ASCII digits"),
+    ],
+)
+def test_declared_length_not_replayable_runs_once_without_reading(
+    locked_engine: tuple[Engine, str],
+    conflict: Conflict,
+    environ: WSGIEnvironment,
+    length: str,
+) -> None:
+    """A CONTENT_LENGTH over ``replay_limit``, or one that is no plain
+    number, settles it before the body is read: the request runs once, and
+    its conflict reaches the server, even if the handler never reads."""
+    engine, _ = locked_engine
+    attempts: list[int] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        attempts.append(environ["wsgi_scoped.attempt"])
+        conflict.meet(registry)
+        start_response("204 No Content", [])
+        return []
+
+    wrapped, registry = middleware(app, engine, replay_limit=100)
+    environ["REQUEST_METHOD"] = "POST"
+    environ["CONTENT_LENGTH"] = length
+    environ["wsgi.input"] = io.BytesIO(b"")
+    with pytest.raises(OperationalError, match="database is locked"):
+        wrapped(environ, StartResponseRecorder())
+    assert attempts == [1]
+    assert not registry.registry.has()
