@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import typing as t
 
 import pytest
@@ -613,3 +614,47 @@ def test_server_timing_and_warnings_on_postgresql(
         messages[0] == "GET /slow ran 3 SQL statements (the limit is 2): an N+1 query?"
     )
     assert messages[1].startswith("GET /slow spent 0.0")
+
+
+def test_statistics_add_up_every_checkout_and_report_milliseconds(
+    engine: Engine, environ: WSGIEnvironment, start_response: StartResponseRecorder
+) -> None:
+    """A request that takes a connection twice (commit in between): each
+    wait, each hold and each statement's time adds up, every figure stays
+    within the request's own duration, and Server-Timing gives the same
+    figures in milliseconds. The pauses are made by the test (a slow
+    checkout, a slow SQL function, a handler holding its connection); the
+    figures are checked against them, never against the machine's speed."""
+    pause = 0.1
+
+    @event.listens_for(engine.pool, "checkout")
+    def slow_checkout(dbapi_connection: t.Any, record: t.Any, proxy: t.Any) -> None:
+        dbapi_connection.create_function("pause", 0, lambda: time.sleep(pause))
+        time.sleep(pause)
+
+    registry = scoped_session(sessionmaker(engine))
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        for _ in range(2):
+            registry().execute(text("SELECT pause()"))
+            time.sleep(pause / 2)  # the connection is held meanwhile
+            registry().commit()  # and back in the pool
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    wrapped = ScopedSessionMiddleware(app, registry, stats=True, server_timing=True)
+    started = time.perf_counter()
+    serve(wrapped, environ, start_response)
+    elapsed = time.perf_counter() - started
+    stats = environ["wsgi_scoped.stats"]
+    assert stats.statements == 2
+    assert 2 * pause <= stats.db_time <= elapsed
+    assert 2 * pause <= stats.checkout_wait <= elapsed
+    assert 2 * (pause + pause / 2) <= stats.connection_held <= elapsed
+    (timing,) = [v for k, v in start_response.calls[0][1] if k == "Server-Timing"]
+    db, wait = timing.split(", ")
+    assert db.startswith("db;dur=") and db.endswith(';desc="2 queries"')
+    assert abs(float(db[7:].split(";")[0]) - stats.db_time * 1000) <= 0.05
+    assert wait.startswith("db-wait;dur=")
+    assert abs(float(wait[12:]) - stats.checkout_wait * 1000) <= 0.05
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
