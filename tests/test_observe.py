@@ -18,6 +18,7 @@ from conftest import server_url
 from sqlalchemy import Engine
 from sqlalchemy import create_engine
 from sqlalchemy import event
+from sqlalchemy import select
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import scoped_session
@@ -167,6 +168,8 @@ def test_statement_and_time_warnings_name_the_request(
     ("work", "warned"),
     [
         pytest.param("orm pending", True, id="ORM object never flushed"),
+        pytest.param("orm dirty", True, id="ORM change never flushed"),
+        pytest.param("orm deleted", True, id="ORM deletion never flushed"),
         pytest.param("flushed", True, id="statement run, never committed"),
         pytest.param("committed", False, id="committed by the handler"),
         pytest.param("read only", False, id="read only"),
@@ -189,6 +192,14 @@ def test_uncommitted_work_rolled_back_is_warned(
         session = registry()
         if work == "orm pending":
             session.add(Item(name="lost"))
+        elif work.startswith("orm"):
+            session.add(Item(name="kept"))
+            session.commit()
+            item = session.scalars(select(Item)).one()
+            if work == "orm dirty":
+                item.name = "changed"
+            else:
+                session.delete(item)
         elif work == "read only":
             session.execute(text("SELECT 1"))
         else:
@@ -658,3 +669,53 @@ def test_statistics_add_up_every_checkout_and_report_milliseconds(
     assert wait.startswith("db-wait;dur=")
     assert abs(float(wait[12:]) - stats.checkout_wait * 1000) <= 0.05
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def test_statistics_tag_statements_only_when_tracing(
+    engine: Engine, environ: WSGIEnvironment
+) -> None:
+    """Statistics alone leave statements as written; tracing tags them with
+    the method and path (an absent PATH_INFO is an empty path), at most 200
+    characters of it."""
+    registry = scoped_session(sessionmaker(engine))
+    statements: list[str] = []
+    event.listen(
+        engine, "after_cursor_execute", lambda c, cur, s, *a: statements.append(s)
+    )
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        registry().execute(text("SELECT 1"))
+        start_response("200 OK", [])
+        return [b""]
+
+    plain = ScopedSessionMiddleware(app, registry, stats=True)
+    traced = ScopedSessionMiddleware(app, registry, trace=True)
+    serve(plain, dict(environ, PATH_INFO="/plain"), StartResponseRecorder())
+    no_path = dict(environ)
+    del no_path["PATH_INFO"]
+    serve(traced, no_path, StartResponseRecorder())
+    serve(traced, dict(environ, PATH_INFO="/" + "a" * 300), StartResponseRecorder())
+    long_tag = ("GET /" + "a" * 300)[:200]
+    assert statements == [
+        "SELECT 1",
+        "SELECT 1 /* GET  */",
+        f"SELECT 1 /* {long_tag} */",
+    ]
+    assert RequestStats().tag == ""
+
+
+def test_db_time_warning_needs_more_than_the_limit(
+    engine: Engine, environ: WSGIEnvironment, caplog: pytest.LogCaptureFixture
+) -> None:
+    """warn_db_time=0 warns about any time in the database, and not about a
+    request that spent none."""
+    registry = scoped_session(sessionmaker(engine))
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        start_response("200 OK", [])
+        return [b""]
+
+    wrapped = ScopedSessionMiddleware(app, registry, warn_db_time=0)
+    serve(wrapped, environ, StartResponseRecorder())
+    assert environ["wsgi_scoped.stats"].db_time == 0
+    assert caplog.records == []
