@@ -969,3 +969,91 @@ def test_error_after_the_status_went_out_reaches_the_server_as_given(
         ("500 Internal Server Error", [("X-Error", "1")], seen[0]),
     ]
     assert not registry.registry.has()
+
+
+@pytest.mark.parametrize("raises", [False, True], ids=["returns", "raises"])
+@pytest.mark.parametrize(
+    "options", [{}, {"commit": True}], ids=["commit=False", "commit=True"]
+)
+def test_inner_layer_of_another_registry_leaves_the_outer_marker(
+    registry: Registry,
+    engine: Engine,
+    environ: WSGIEnvironment,
+    options: dict[str, t.Any],
+    raises: bool,
+) -> None:
+    """A sub-application with its own registry, mounted inside a wrapped
+    app: when it is done, by returning or raising, the outer layer's
+    request is still marked as managed, with only its own layer recorded."""
+    other = scoped_session(sessionmaker(engine))
+    after: list[object] = []
+
+    def sub_app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        other().execute(text("SELECT 1"))
+        if raises:
+            raise RuntimeError("the sub-application failed")
+        start_response("200 OK", [])
+        return [b"sub"]
+
+    inner = ScopedSessionMiddleware(sub_app, other, **options)
+
+    def dispatcher(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        try:
+            body = serve(inner, environ, start_response)
+        except RuntimeError:
+            start_response("500 Internal Server Error", [])
+            body = b"failed"
+        after.append(environ["wsgi_scoped.active"])
+        after.append(environ["wsgi_scoped.layers"])
+        return [body]
+
+    outer = ScopedSessionMiddleware(dispatcher, registry)
+    serve(outer, environ, StartResponseRecorder())
+    assert after == [(registry,), (outer,)]
+    assert not registry.registry.has() and not other.registry.has()
+
+
+def test_generator_app_is_pulled_only_to_its_first_chunk_before_the_status(
+    registry: Registry, environ: WSGIEnvironment
+) -> None:
+    """Under commit=True, a generator that calls start_response when first
+    iterated is advanced to its first chunk to learn the status, and no
+    further: what it does for later chunks runs after the status went out
+    (and in the body's own transaction)."""
+    events: list[str] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        start_response("200 OK", [])
+        events.append("first chunk")
+        yield b"first"
+        events.append("second chunk")
+        yield b"second"
+
+    def start_response(status: str, headers: t.Any, exc_info: t.Any = None) -> t.Any:
+        events.append(f"status {status}")
+        return lambda data: None
+
+    body = ScopedSessionMiddleware(app, registry, commit=True)(environ, start_response)
+    try:
+        assert list(body) == [b"first", b"second"]
+    finally:
+        body.close()  # type: ignore[attr-defined]
+    assert events == ["first chunk", "status 200 OK", "second chunk"]
+
+
+def test_server_timing_alone_commits_nothing(
+    registry: Registry, engine: Engine, environ: WSGIEnvironment
+) -> None:
+    """server_timing holds the status line only to add its header: without
+    commit=True the handler's uncommitted work is rolled back as usual."""
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        registry().execute(text("INSERT INTO item (name) VALUES ('x')"))
+        start_response("201 Created", [])
+        return [b"created"]
+
+    wrapped = ScopedSessionMiddleware(app, registry, server_timing=True)
+    start_response = StartResponseRecorder()
+    assert serve(wrapped, environ, start_response) == b"created"
+    assert start_response.status == "201 Created"
+    assert count_items(engine) == 0
