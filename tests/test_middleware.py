@@ -754,8 +754,11 @@ def test_unusable_body_refused_before_anything_is_committed(
 
     start_response = StartResponseRecorder()
     wrapped = ScopedSessionMiddleware(forgetful_app, registry, commit=commit)
-    with pytest.raises(TypeError, match="forgetful_app.* must return an iterable"):
+    with pytest.raises(
+        TypeError, match="forgetful_app.* must return an iterable"
+    ) as caught:
         wrapped(environ, start_response)
+    assert f" returned {returned!r}, which is not a response body" in str(caught.value)
     assert count_items(engine) == 0
     assert start_response.calls == ([] if commit else [("200 OK", [], None)])
     assert not registry.registry.has()
