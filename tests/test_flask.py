@@ -6,6 +6,7 @@ CLI commands end with their application context.
 
 from __future__ import annotations
 
+import re
 import typing as t
 from pathlib import Path
 from wsgiref.validate import validator
@@ -293,9 +294,12 @@ def test_session_used_after_a_request_in_the_same_context_is_ended(
 
 def test_init_app_refuses_what_is_not_flask(db: Database) -> None:
     app = flask.Flask(__name__)
-    with pytest.raises(
-        TypeError, match="'app' must be a flask.Flask application, got 'Database'"
-    ):
+    message = (
+        "'app' must be a flask.Flask application, got 'Database'. Call"
+        " init_app(app, db) with the Flask object itself, before wrapping its"
+        " wsgi_app in other middleware."
+    )
+    with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
         init_app(db, app)  # type: ignore[arg-type]
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import logging
+import re
+import sys
 import typing as t
 import wsgiref.util
 
@@ -752,8 +754,11 @@ def test_unusable_body_refused_before_anything_is_committed(
 
     start_response = StartResponseRecorder()
     wrapped = ScopedSessionMiddleware(forgetful_app, registry, commit=commit)
-    with pytest.raises(TypeError, match="forgetful_app.* must return an iterable"):
+    with pytest.raises(
+        TypeError, match="forgetful_app.* must return an iterable"
+    ) as caught:
         wrapped(environ, start_response)
+    assert f" returned {returned!r}, which is not a response body" in str(caught.value)
     assert count_items(engine) == 0
     assert start_response.calls == ([] if commit else [("200 OK", [], None)])
     assert not registry.registry.has()
@@ -846,3 +851,212 @@ def test_second_start_response_without_exc_info_is_an_error(
     with pytest.raises(AssertionError, match="(?i)headers already set|second time"):
         wrapped(environ, handler.start_response)
     assert not registry.registry.has()
+
+
+def test_nested_refusal_names_both_layers(
+    registry: Registry, environ: WSGIEnvironment
+) -> None:
+    """The error says which layer sits inside which, each with its options,
+    so the duplicate wrapping can be found in the app's set-up."""
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    inner = ScopedSessionMiddleware(app, registry, commit=True, retries=2)
+    outer = ScopedSessionMiddleware(inner, registry, commit=True)
+    expected = (
+        f"{inner!r} is wrapped inside {outer!r} for the same registry."
+        " The outer layer manages this request's session"
+    )
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        outer(environ, StartResponseRecorder())
+    assert not registry.registry.has()
+
+
+def test_inner_layer_with_options_refused_under_a_hand_made_marker(
+    registry: Registry, environ: WSGIEnvironment
+) -> None:
+    """An environ marked active by other code (no layer recorded) still gets
+    the clear refusal for an inner layer with options, not an AttributeError."""
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    environ["wsgi_scoped.active"] = (registry,)
+    inner = ScopedSessionMiddleware(app, registry, commit=True)
+    with pytest.raises(
+        ValueError, match=re.escape(f"{inner!r} is wrapped inside None")
+    ):
+        inner(environ, StartResponseRecorder())
+
+
+def test_repr_shows_the_app_and_the_options_that_differ_from_the_defaults(
+    registry: Registry,
+) -> None:
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        raise NotImplementedError
+
+    def veto(environ: WSGIEnvironment, status: str, headers: t.Any) -> bool:
+        return False
+
+    assert repr(ScopedSessionMiddleware(app, registry)) == (
+        f"<ScopedSessionMiddleware({app!r})>"
+    )
+    wrapped = ScopedSessionMiddleware(
+        app, registry, commit=True, commit_veto=veto, retries=2, trace="X-Request-Id"
+    )
+    assert repr(wrapped) == (
+        f"<ScopedSessionMiddleware({app!r}, commit=True,"
+        f" commit_veto={veto.__qualname__!r}, retries=2, trace='X-Request-Id')>"
+    )
+
+
+@pytest.mark.parametrize(
+    "options", [{"commit": True}, {"server_timing": True}], ids=["commit", "timing"]
+)
+def test_held_second_start_response_error_says_what_pep_3333_allows(
+    registry: Registry, environ: WSGIEnvironment, options: dict[str, t.Any]
+) -> None:
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        start_response("200 OK", [])
+        start_response("201 Created", [])
+        return [b"which?"]
+
+    start_response = StartResponseRecorder()
+    message = (
+        "start_response() was called a second time without exc_info: PEP 3333"
+        " allows a second call only to replace the status of an error, with"
+        " exc_info=sys.exc_info()."
+    )
+    with pytest.raises(AssertionError, match=f"^{re.escape(message)}$"):
+        ScopedSessionMiddleware(app, registry, **options)(environ, start_response)
+    assert start_response.calls == []
+    assert not registry.registry.has()
+
+
+def test_error_after_the_status_went_out_reaches_the_server_as_given(
+    registry: Registry, environ: WSGIEnvironment
+) -> None:
+    """Under commit=True, a body that fails after its status was sent and
+    calls start_response with exc_info: the server gets that call as made
+    (status, headers and exc_info), so it can re-raise and drop the
+    connection (PEP 3333)."""
+    seen: list[t.Any] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+
+        def body() -> t.Iterator[bytes]:
+            yield b"half"
+            try:
+                raise RuntimeError("the body failed")
+            except RuntimeError:
+                seen.append(sys.exc_info())
+                start_response("500 Internal Server Error", [("X-Error", "1")], seen[0])
+            yield b"never"
+
+        return body()
+
+    start_response = StartResponseRecorder()
+    served = ScopedSessionMiddleware(app, registry, commit=True)(
+        environ, start_response
+    )
+    try:
+        assert list(served) == [b"half", b"never"]
+    finally:
+        served.close()  # type: ignore[attr-defined]
+    assert start_response.calls == [
+        ("200 OK", [("Content-Type", "text/plain")], None),
+        ("500 Internal Server Error", [("X-Error", "1")], seen[0]),
+    ]
+    assert not registry.registry.has()
+
+
+@pytest.mark.parametrize("raises", [False, True], ids=["returns", "raises"])
+@pytest.mark.parametrize(
+    "options", [{}, {"commit": True}], ids=["commit=False", "commit=True"]
+)
+def test_inner_layer_of_another_registry_leaves_the_outer_marker(
+    registry: Registry,
+    engine: Engine,
+    environ: WSGIEnvironment,
+    options: dict[str, t.Any],
+    raises: bool,
+) -> None:
+    """A sub-application with its own registry, mounted inside a wrapped
+    app: when it is done, by returning or raising, the outer layer's
+    request is still marked as managed, with only its own layer recorded."""
+    other = scoped_session(sessionmaker(engine))
+    after: list[object] = []
+
+    def sub_app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        other().execute(text("SELECT 1"))
+        if raises:
+            raise RuntimeError("the sub-application failed")
+        start_response("200 OK", [])
+        return [b"sub"]
+
+    inner = ScopedSessionMiddleware(sub_app, other, **options)
+
+    def dispatcher(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        try:
+            body = serve(inner, environ, start_response)
+        except RuntimeError:
+            start_response("500 Internal Server Error", [])
+            body = b"failed"
+        after.append(environ["wsgi_scoped.active"])
+        after.append(environ["wsgi_scoped.layers"])
+        return [body]
+
+    outer = ScopedSessionMiddleware(dispatcher, registry)
+    serve(outer, environ, StartResponseRecorder())
+    assert after == [(registry,), (outer,)]
+    assert not registry.registry.has() and not other.registry.has()
+
+
+def test_generator_app_is_pulled_only_to_its_first_chunk_before_the_status(
+    registry: Registry, environ: WSGIEnvironment
+) -> None:
+    """Under commit=True, a generator that calls start_response when first
+    iterated is advanced to its first chunk to learn the status, and no
+    further: what it does for later chunks runs after the status went out
+    (and in the body's own transaction)."""
+    events: list[str] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        start_response("200 OK", [])
+        events.append("first chunk")
+        yield b"first"
+        events.append("second chunk")
+        yield b"second"
+
+    def start_response(status: str, headers: t.Any, exc_info: t.Any = None) -> t.Any:
+        events.append(f"status {status}")
+        return lambda data: None
+
+    body = ScopedSessionMiddleware(app, registry, commit=True)(environ, start_response)
+    try:
+        assert list(body) == [b"first", b"second"]
+    finally:
+        body.close()  # type: ignore[attr-defined]
+    assert events == ["first chunk", "status 200 OK", "second chunk"]
+
+
+def test_server_timing_alone_commits_nothing(
+    registry: Registry, engine: Engine, environ: WSGIEnvironment
+) -> None:
+    """server_timing holds the status line only to add its header: without
+    commit=True the handler's uncommitted work is rolled back as usual."""
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        registry().execute(text("INSERT INTO item (name) VALUES ('x')"))
+        start_response("201 Created", [])
+        return [b"created"]
+
+    wrapped = ScopedSessionMiddleware(app, registry, server_timing=True)
+    start_response = StartResponseRecorder()
+    assert serve(wrapped, environ, start_response) == b"created"
+    assert start_response.status == "201 Created"
+    assert count_items(engine) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import typing as t
 
 import pytest
@@ -17,6 +18,7 @@ from conftest import server_url
 from sqlalchemy import Engine
 from sqlalchemy import create_engine
 from sqlalchemy import event
+from sqlalchemy import select
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import scoped_session
@@ -166,6 +168,8 @@ def test_statement_and_time_warnings_name_the_request(
     ("work", "warned"),
     [
         pytest.param("orm pending", True, id="ORM object never flushed"),
+        pytest.param("orm dirty", True, id="ORM change never flushed"),
+        pytest.param("orm deleted", True, id="ORM deletion never flushed"),
         pytest.param("flushed", True, id="statement run, never committed"),
         pytest.param("committed", False, id="committed by the handler"),
         pytest.param("read only", False, id="read only"),
@@ -188,6 +192,14 @@ def test_uncommitted_work_rolled_back_is_warned(
         session = registry()
         if work == "orm pending":
             session.add(Item(name="lost"))
+        elif work.startswith("orm"):
+            session.add(Item(name="kept"))
+            session.commit()
+            item = session.scalars(select(Item)).one()
+            if work == "orm dirty":
+                item.name = "changed"
+            else:
+                session.delete(item)
         elif work == "read only":
             session.execute(text("SELECT 1"))
         else:
@@ -613,3 +625,97 @@ def test_server_timing_and_warnings_on_postgresql(
         messages[0] == "GET /slow ran 3 SQL statements (the limit is 2): an N+1 query?"
     )
     assert messages[1].startswith("GET /slow spent 0.0")
+
+
+def test_statistics_add_up_every_checkout_and_report_milliseconds(
+    engine: Engine, environ: WSGIEnvironment, start_response: StartResponseRecorder
+) -> None:
+    """A request that takes a connection twice (commit in between): each
+    wait, each hold and each statement's time adds up, every figure stays
+    within the request's own duration, and Server-Timing gives the same
+    figures in milliseconds. The pauses are made by the test (a slow
+    checkout, a slow SQL function, a handler holding its connection); the
+    figures are checked against them, never against the machine's speed."""
+    pause = 0.1
+
+    @event.listens_for(engine.pool, "checkout")
+    def slow_checkout(dbapi_connection: t.Any, record: t.Any, proxy: t.Any) -> None:
+        dbapi_connection.create_function("pause", 0, lambda: time.sleep(pause))
+        time.sleep(pause)
+
+    registry = scoped_session(sessionmaker(engine))
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        for _ in range(2):
+            registry().execute(text("SELECT pause()"))
+            time.sleep(pause / 2)  # the connection is held meanwhile
+            registry().commit()  # and back in the pool
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    wrapped = ScopedSessionMiddleware(app, registry, stats=True, server_timing=True)
+    started = time.perf_counter()
+    serve(wrapped, environ, start_response)
+    elapsed = time.perf_counter() - started
+    stats = environ["wsgi_scoped.stats"]
+    assert stats.statements == 2
+    assert 2 * pause <= stats.db_time <= elapsed
+    assert 2 * pause <= stats.checkout_wait <= elapsed
+    assert 2 * (pause + pause / 2) <= stats.connection_held <= elapsed
+    (timing,) = [v for k, v in start_response.calls[0][1] if k == "Server-Timing"]
+    db, wait = timing.split(", ")
+    assert db.startswith("db;dur=") and db.endswith(';desc="2 queries"')
+    assert abs(float(db[7:].split(";")[0]) - stats.db_time * 1000) <= 0.05
+    assert wait.startswith("db-wait;dur=")
+    assert abs(float(wait[12:]) - stats.checkout_wait * 1000) <= 0.05
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def test_statistics_tag_statements_only_when_tracing(
+    engine: Engine, environ: WSGIEnvironment
+) -> None:
+    """Statistics alone leave statements as written; tracing tags them with
+    the method and path (an absent PATH_INFO is an empty path), at most 200
+    characters of it."""
+    registry = scoped_session(sessionmaker(engine))
+    statements: list[str] = []
+    event.listen(
+        engine, "after_cursor_execute", lambda c, cur, s, *a: statements.append(s)
+    )
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        registry().execute(text("SELECT 1"))
+        start_response("200 OK", [])
+        return [b""]
+
+    plain = ScopedSessionMiddleware(app, registry, stats=True)
+    traced = ScopedSessionMiddleware(app, registry, trace=True)
+    serve(plain, dict(environ, PATH_INFO="/plain"), StartResponseRecorder())
+    no_path = dict(environ)
+    del no_path["PATH_INFO"]
+    serve(traced, no_path, StartResponseRecorder())
+    serve(traced, dict(environ, PATH_INFO="/" + "a" * 300), StartResponseRecorder())
+    long_tag = ("GET /" + "a" * 300)[:200]
+    assert statements == [
+        "SELECT 1",
+        "SELECT 1 /* GET  */",
+        f"SELECT 1 /* {long_tag} */",
+    ]
+    assert RequestStats().tag == ""
+
+
+def test_db_time_warning_needs_more_than_the_limit(
+    engine: Engine, environ: WSGIEnvironment, caplog: pytest.LogCaptureFixture
+) -> None:
+    """warn_db_time=0 warns about any time in the database, and not about a
+    request that spent none."""
+    registry = scoped_session(sessionmaker(engine))
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        start_response("200 OK", [])
+        return [b""]
+
+    wrapped = ScopedSessionMiddleware(app, registry, warn_db_time=0)
+    serve(wrapped, environ, StartResponseRecorder())
+    assert environ["wsgi_scoped.stats"].db_time == 0
+    assert caplog.records == []

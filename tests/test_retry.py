@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import socket
 import sqlite3
+import tempfile
 import typing as t
 
 import pytest
@@ -252,6 +253,80 @@ def test_retried_attempt_reads_the_same_body(
     assert count_items(engine) == 1
 
 
+#: One call on a request body: the method's name and its argument (``...``:
+#: none).
+Call = tuple[str, t.Any]
+
+#: Ways to read a body, call by call, each tried against a plain file.
+SCRIPTS: dict[str, list[Call]] = {
+    "sizes": [("read", n) for n in (0, 1, 2, 3, 5, 0, 8, 40, 1)],
+    "line sizes": [("readline", n) for n in (0, 1, 2, 4, 3, 9, 6, 1, 50, 2)],
+    "whole lines": [("readline", n) for n in (..., -1, -5, None, ..., ...)],
+    "mixed": [
+        ("read", 1),
+        ("readline", None),
+        ("readline", 2),
+        ("read", None),
+        ("read", ...),
+        ("read", 3),
+    ],
+    "hints": [("readlines", n) for n in (1, 6, 0, -1)],
+    "iterate": [("read", 4), ("iterate", ...)],
+}
+BODY = b"ab\ncdef\n\nghijklm\nnopqrstu\nvw"
+
+
+def call(stream: t.Any, method: str, argument: t.Any) -> object:
+    if method == "iterate":
+        return list(stream)
+    if argument is ...:
+        return getattr(stream, method)()
+    return getattr(stream, method)(argument)
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+@pytest.mark.parametrize("first", [1, 2, 3, 6, 12, len(BODY)])
+@pytest.mark.parametrize("memory", [0, 5, 1 << 20], ids=["disk", "spilled", "memory"])
+def test_retried_attempt_reads_like_a_file(
+    locked_engine: tuple[Engine, str],
+    environ: WSGIEnvironment,
+    script: str,
+    first: int,
+    memory: int,
+) -> None:
+    """Whatever attempt 1 read, each read(n), readline(n), readlines(hint)
+    or iteration on attempt 2 returns what it returns on a fresh file of
+    the body: never more than asked, never a short read, lines split where
+    a file splits them, across the part replayed and the part still unread.
+    """
+    engine, path = locked_engine
+    calls = SCRIPTS[script]
+    reference = io.BytesIO(BODY)
+    expected = [call(reference, *c) for c in calls]
+    seen: list[list[object]] = []
+    conflict = Conflict(path)
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        stream = environ["wsgi.input"]
+        if environ["wsgi_scoped.attempt"] == 1:
+            seen.append([stream.read(first)])
+        else:
+            seen.append([call(stream, *c) for c in calls])
+        conflict.meet(registry)
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    wrapped, registry = middleware(app, engine, replay_memory=memory)
+    environ["REQUEST_METHOD"] = "POST"
+    environ["wsgi.input"] = io.BytesIO(BODY)
+    environ["CONTENT_LENGTH"] = str(len(BODY))
+    try:
+        assert serve(wrapped, environ, StartResponseRecorder()) == b"ok"
+    finally:
+        conflict.close()
+    assert seen == [[BODY[:first]], expected]
+
+
 def test_replay_memory_zero_keeps_no_body_in_memory(
     locked_engine: tuple[Engine, str], conflict: Conflict, environ: WSGIEnvironment
 ) -> None:
@@ -273,6 +348,41 @@ def test_replay_memory_zero_keeps_no_body_in_memory(
     assert spools[0] is spools[1]
     assert isinstance(spools[0], io.BufferedRandom)  # a real file, not BytesIO
     assert spools[0].closed
+
+
+@pytest.mark.parametrize(
+    ("body", "on_disk"),
+    [
+        pytest.param(b"12345678", False, id="replay_memory bytes: in memory"),
+        pytest.param(b"123456789", True, id="one byte more: on disk"),
+    ],
+)
+def test_replay_memory_is_kept_in_memory_up_to_its_size(
+    locked_engine: tuple[Engine, str],
+    conflict: Conflict,
+    environ: WSGIEnvironment,
+    body: bytes,
+    on_disk: bool,
+) -> None:
+    """A body of up to ``replay_memory`` bytes is replayed from memory; past
+    that, it moves to a temporary file."""
+    engine, _ = locked_engine
+    spools: list[t.Any] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        data = environ["wsgi.input"].read()
+        spools.append(environ["wsgi.input"]._spool)
+        conflict.meet(registry)
+        start_response("200 OK", [])
+        return [data]
+
+    wrapped, registry = middleware(app, engine, replay_memory=8)
+    environ["wsgi.input"] = io.BytesIO(body)
+    environ["CONTENT_LENGTH"] = str(len(body))
+    assert serve(wrapped, environ, StartResponseRecorder()) == body
+    assert spools[0] is spools[1]
+    assert isinstance(spools[0], tempfile.SpooledTemporaryFile)
+    assert spools[0]._rolled is on_disk
 
 
 @pytest.mark.parametrize("pieces", [False, True], ids=["read at once", "in pieces"])
@@ -358,3 +468,39 @@ def test_body_never_read_is_never_waited_for(
             server.close()
     assert attempts == [1, 2]
     assert count_items(engine) == 1
+
+
+@pytest.mark.parametrize(
+    "length",
+    [
+        pytest.param("101", id="over replay_limit"),
+        pytest.param("12x", id="not a number"),
+        pytest.param("\u0661\u0662", id="non-ASCII digits"),
+    ],
+)
+def test_declared_length_not_replayable_runs_once_without_reading(
+    locked_engine: tuple[Engine, str],
+    conflict: Conflict,
+    environ: WSGIEnvironment,
+    length: str,
+) -> None:
+    """A CONTENT_LENGTH over ``replay_limit``, or one that is no plain
+    number, settles it before the body is read: the request runs once, and
+    its conflict reaches the server, even if the handler never reads."""
+    engine, _ = locked_engine
+    attempts: list[int] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        attempts.append(environ["wsgi_scoped.attempt"])
+        conflict.meet(registry)
+        start_response("204 No Content", [])
+        return []
+
+    wrapped, registry = middleware(app, engine, replay_limit=100)
+    environ["REQUEST_METHOD"] = "POST"
+    environ["CONTENT_LENGTH"] = length
+    environ["wsgi.input"] = io.BytesIO(b"")
+    with pytest.raises(OperationalError, match="database is locked"):
+        wrapped(environ, StartResponseRecorder())
+    assert attempts == [1]
+    assert not registry.registry.has()

@@ -3,6 +3,7 @@ after-commit hooks, commit failures, and the retry loop with a replayed body."""
 
 from __future__ import annotations
 
+import functools
 import io
 import sqlite3
 import sys
@@ -1238,3 +1239,27 @@ def test_after_commit_hooks_follow_the_handlers_own_commit(
     finally:
         registry.remove()
         engine.dispose()
+
+
+def test_failing_hook_without_a_qualname_is_logged_by_its_type(
+    registry: Registry,
+    environ: WSGIEnvironment,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A hook that is a callable object (functools.partial, an instance
+    with ``__call__``) has no ``__qualname__``: the log names its type."""
+
+    def mail(to: str) -> None:
+        raise RuntimeError(f"cannot mail {to}")
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        session = registry()
+        session.execute(text("INSERT INTO item (name) VALUES ('x')"))
+        after_commit(session, functools.partial(mail, "ops@example.com"))
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    wrapped = ScopedSessionMiddleware(app, registry, commit=True)
+    assert serve(wrapped, environ, StartResponseRecorder()) == b"ok"
+    [record] = caplog.records
+    assert record.getMessage() == "An after-commit hook failed: partial"

@@ -59,7 +59,7 @@ _LAYERS = "wsgi_scoped.layers"
 _RENDERED = "wsgi_scoped.rendered"
 
 _UNUSABLE = (
-    "The application {app!r} returned {body!r}, which is not a response body:"
+    "The application {app!r} returned {body}, which is not a response body:"
     " a WSGI application must return an iterable of bytes (PEP 3333), such as"
     " [b'Hello'] or a generator of bytes. Nothing was committed."
 )
