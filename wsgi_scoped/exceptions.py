@@ -85,19 +85,28 @@ def _log_extra(environ: WSGIEnvironment) -> dict[str, t.Any]:
     }
 
 
+def _log_request(
+    level: int, message: str, environ: WSGIEnvironment, *args: object
+) -> None:
+    """Log ``message``, whose first two ``%s`` are the request's method and
+    path, escaped (:func:`_loggable`); the raw values go in ``extra``."""
+    logger.log(
+        level,
+        message,
+        _loggable(environ.get("REQUEST_METHOD")),
+        _loggable(environ.get("PATH_INFO")),
+        *args,
+        extra=_log_extra(environ),
+        exc_info=level >= logging.ERROR,
+    )
+
+
 def _log_failure(what: str, environ: WSGIEnvironment) -> None:
     """Log the exception being handled as ``<what> failed for METHOD PATH``:
     for failures that must not replace the one propagating, or that come
     after the status line went out. Bound parameters are not shown."""
     with _parameters_hidden(sys.exc_info()[1]):
-        logger.error(
-            "%s failed for %s %s",
-            what,
-            _loggable(environ.get("REQUEST_METHOD")),
-            _loggable(environ.get("PATH_INFO")),
-            exc_info=True,
-            extra=_log_extra(environ),
-        )
+        _log_request(logging.ERROR, f"{what} failed for %s %s", environ)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ unless a middleware asks for it: with statistics off there is no listener.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import typing as t
@@ -16,9 +17,8 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session
 
 from ._arguments import _engine_of
-from .exceptions import _log_extra
-from .exceptions import _loggable
-from .exceptions import logger
+from .exceptions import _log_request
+from .exceptions import logger as logger  # where its warnings go
 from .scope import get_ident
 
 if t.TYPE_CHECKING:
@@ -131,35 +131,30 @@ class _Observer:
         if self.commit:
             return  # rolled back on purpose: the request failed or was vetoed
         if session.new or session.dirty or session.deleted or stats._pending_writes:
-            logger.warning(
+            _log_request(
+                logging.WARNING,
                 "Uncommitted changes rolled back at the end of %s %s: commit them"
                 " in the handler, or use commit=True",
-                _loggable(environ.get("REQUEST_METHOD")),
-                _loggable(environ.get("PATH_INFO")),
-                extra=_log_extra(environ),
+                environ,
             )
 
     def finish(self, stats: RequestStats, environ: WSGIEnvironment) -> None:
         _current.pop(get_ident(), None)
-        method = _loggable(environ.get("REQUEST_METHOD"))
-        path = _loggable(environ.get("PATH_INFO"))
         if self.warn_statements is not None and stats.statements > self.warn_statements:
-            logger.warning(
+            _log_request(
+                logging.WARNING,
                 "%s %s ran %d SQL statements (the limit is %d): an N+1 query?",
-                method,
-                path,
+                environ,
                 stats.statements,
                 self.warn_statements,
-                extra=_log_extra(environ),
             )
         if self.warn_db_time is not None and stats.db_time > self.warn_db_time:
-            logger.warning(
+            _log_request(
+                logging.WARNING,
                 "%s %s spent %.3f s in the database (the limit is %.3f s)",
-                method,
-                path,
+                environ,
                 stats.db_time,
                 self.warn_db_time,
-                extra=_log_extra(environ),
             )
 
 
