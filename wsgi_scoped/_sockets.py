@@ -11,10 +11,9 @@ import typing as t
 from sqlalchemy.exc import DisconnectionError
 
 #: Drivers whose connections expose their socket (``fileno()``, or PyMySQL's
-#: ``_sock``), so that a checkout can look at it instead of pinging.
+#: ``_sock``), so that a checkout can look at it instead of pinging, and whose
+#: connection attempts a health check can bound.
 SOCKET_DRIVERS = frozenset({"psycopg", "psycopg2", "pymysql"})
-
-_READABLE = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 
 
 def _fileno(dbapi_connection: t.Any) -> int | None:
@@ -36,9 +35,16 @@ def _closed_while_idle(dbapi_connection: t.Any, record: t.Any, proxy: t.Any) -> 
         raise DisconnectionError("The pooled connection is closed.") from error
     if fileno is None or fileno < 0:
         raise DisconnectionError("The pooled connection has no socket.")
-    poller = select.poll()
-    poller.register(fileno, _READABLE)
-    if poller.poll(0):
+    if _readable(fileno):
         raise DisconnectionError(
             "The server closed this pooled connection while it was idle."
         )
+
+
+def _readable(fileno: int) -> bool:
+    """Whether the socket has something to read (or hung up), now."""
+    if not hasattr(select, "poll"):  # pragma: no cover - Windows
+        return bool(select.select([fileno], [], [], 0)[0])
+    poller = select.poll()  # not select(): no limit on the socket's number
+    poller.register(fileno, select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(0))  # POLLHUP and POLLERR are always reported

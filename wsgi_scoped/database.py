@@ -235,11 +235,16 @@ def _create_engine(
     url, engine_options, keeper = _engine_defaults(url)
     connect_args = {**engine_options.pop("connect_args", {})}
     connect_args.update(options.get("connect_args", {}))
+    # A connection closed while pooled is found at checkout: by a look at
+    # its socket where the driver shows it, else by a ping.
+    watched = url.get_driver_name() in SOCKET_DRIVERS
+    if url.get_backend_name() != "sqlite" and not watched:
+        engine_options["pool_pre_ping"] = True
     engine_options.update(options)
     if connect_args:
         engine_options["connect_args"] = connect_args
     engine = create_engine(url, **engine_options)
-    if url.get_driver_name() in SOCKET_DRIVERS:
+    if watched:
         event.listen(engine, "checkout", _closed_while_idle)
     return engine, keeper
 
@@ -267,9 +272,7 @@ def _engine_defaults(
     """The URL and default engine options for ``url``, and for in-memory
     SQLite the connection that keeps the shared database alive."""
     if url.get_backend_name() != "sqlite":
-        if url.get_driver_name() in SOCKET_DRIVERS:
-            return url, {}, None  # the checkout listener looks at the socket
-        return url, {"pool_pre_ping": True}, None
+        return url, {}, None
     if url.database not in (None, "", ":memory:"):
         return url, {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}, None
     # A named in-memory database that every connection of this process can

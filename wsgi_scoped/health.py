@@ -20,6 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import scoped_session
 
 from ._arguments import _engine_of
+from ._sockets import SOCKET_DRIVERS
 from ._sockets import _fileno
 
 if t.TYPE_CHECKING:
@@ -27,12 +28,6 @@ if t.TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
 
 logger = logging.getLogger(__name__)
-
-#: Drivers whose connection attempts the check thread can bound. libpq's
-#: ``connect_timeout`` covers the whole handshake (at least 2 s); without it
-#: psycopg 3 waits 130 s and psycopg2 until TCP gives up. PyMySQL's covers
-#: only the TCP connect: the handshake is read under ``read_timeout``.
-_BOUNDED_CONNECT_DRIVERS = {"psycopg", "psycopg2", "pymysql"}
 
 #: Set in the check thread: the connect timeout its new connections get.
 _checking = threading.local()
@@ -152,7 +147,11 @@ class HealthCheck:
         self._lock = threading.Lock()
         self._running: _Check | None = None
         self._connect_timeout: int | None = None
-        if self.engine.dialect.driver in _BOUNDED_CONNECT_DRIVERS:
+        # libpq's connect_timeout covers the whole handshake (at least 2 s);
+        # without it psycopg 3 waits 130 s and psycopg2 until TCP gives up.
+        # PyMySQL's covers only the TCP connect: the handshake is read under
+        # read_timeout.
+        if self.engine.dialect.driver in SOCKET_DRIVERS:
             self._connect_timeout = max(2, math.ceil(timeout))
             if not event.contains(self.engine, "do_connect", _limit_connect_time):
                 event.listen(self.engine, "do_connect", _limit_connect_time)

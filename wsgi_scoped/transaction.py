@@ -149,10 +149,7 @@ def _guard_commits(sessions: object) -> None:
 
 def _refuse_aborted_commit(session: Session) -> None:
     """Raise instead of letting COMMIT of an aborted transaction pass."""
-    transaction = session.get_transaction()
-    if transaction is None:  # pragma: no cover - before_commit has one
-        return
-    for connection in _connections(transaction):
+    for connection in _connections(session.get_transaction()):
         if connection.dialect.name != "postgresql" or connection.invalidated:
             continue
         info = getattr(connection.connection.dbapi_connection, "info", None)
