@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
+import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import traceback
 import typing as t
 import urllib.error
 import uuid
@@ -204,3 +207,26 @@ class SilentHost:
                 if not frozen.is_set():
                     sink.sendall(data)
             sink.shutdown(socket.SHUT_WR)
+
+
+def in_child(work: t.Callable[[], object]) -> t.Any:
+    """Run ``work`` in a forked child and return its JSON result."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child, which never returns
+        code = 1
+        try:
+            os.close(read)
+            os.write(write, json.dumps(work()).encode())
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        output = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child failed; see stderr"
+    return json.loads(output)

@@ -4,11 +4,8 @@ shared between threads, and fork safety on real servers."""
 from __future__ import annotations
 
 import gc
-import json
 import os
-import sys
 import threading
-import traceback
 import typing as t
 import uuid
 
@@ -20,6 +17,7 @@ from sqlalchemy import event
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session
+from support import in_child
 
 from wsgi_scoped import SQLITE_BUSY_TIMEOUT
 from wsgi_scoped import Database
@@ -259,29 +257,6 @@ BACKEND_PID = {
     "postgresql": "SELECT pg_backend_pid()",
     "mysql": "SELECT CONNECTION_ID()",
 }
-
-
-def in_child(work: t.Callable[[], object]) -> t.Any:
-    """Run ``work`` in a forked child and return its JSON result."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child, which never returns
-        code = 1
-        try:
-            os.close(read)
-            os.write(write, json.dumps(work()).encode())
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stderr.flush()
-            os._exit(code)
-    os.close(write)
-    with os.fdopen(read) as pipe:
-        output = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, "the child failed; see stderr"
-    return json.loads(output)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")

@@ -28,6 +28,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import ProgrammingError
 from support import CheckedTestApp
 from support import free_port
+from support import in_child
 from support import running
 
 from wsgi_scoped import Database
@@ -259,26 +260,6 @@ def test_a_session_outside_requests_uses_the_primary(db: Database) -> None:
     db.use_primary()  # nothing to do outside a request
     assert db().execute(text("SELECT pg_is_in_recovery()")).scalar() is False
     db().commit()
-
-
-def in_child(work: t.Callable[[], object]) -> t.Any:
-    """Run ``work`` in a forked child and return its JSON result."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child, which never returns
-        code = 1
-        try:
-            os.close(read)
-            os.write(write, json.dumps(work()).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write)
-    with os.fdopen(read) as pipe:
-        output = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, "the child failed"
-    return json.loads(output)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")

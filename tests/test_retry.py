@@ -327,11 +327,16 @@ def test_retried_attempt_reads_like_a_file(
     assert seen == [[BODY[:first]], expected]
 
 
-def test_replay_memory_zero_keeps_no_body_in_memory(
-    locked_engine: tuple[Engine, str], conflict: Conflict, environ: WSGIEnvironment
-) -> None:
-    """replay_memory=0 spools every byte to a temporary file at once."""
-    engine, _ = locked_engine
+def spools_of(
+    engine: Engine,
+    conflict: Conflict,
+    environ: WSGIEnvironment,
+    body: bytes,
+    *,
+    memory: int,
+) -> list[t.Any]:
+    """Send ``body`` to an app that reads it and meets one conflict; return
+    where each attempt's recording of the body was kept."""
     spools: list[t.Any] = []
 
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
@@ -341,10 +346,18 @@ def test_replay_memory_zero_keeps_no_body_in_memory(
         start_response("200 OK", [])
         return [data]
 
-    wrapped, registry = middleware(app, engine, replay_memory=0)
-    environ["wsgi.input"] = io.BytesIO(b"tiny")
-    environ["CONTENT_LENGTH"] = "4"
-    assert serve(wrapped, environ, StartResponseRecorder()) == b"tiny"
+    wrapped, registry = middleware(app, engine, replay_memory=memory)
+    environ["wsgi.input"] = io.BytesIO(body)
+    environ["CONTENT_LENGTH"] = str(len(body))
+    assert serve(wrapped, environ, StartResponseRecorder()) == body
+    return spools
+
+
+def test_replay_memory_zero_keeps_no_body_in_memory(
+    locked_engine: tuple[Engine, str], conflict: Conflict, environ: WSGIEnvironment
+) -> None:
+    """replay_memory=0 spools every byte to a temporary file at once."""
+    spools = spools_of(locked_engine[0], conflict, environ, b"tiny", memory=0)
     assert spools[0] is spools[1]
     assert isinstance(spools[0], io.BufferedRandom)  # a real file, not BytesIO
     assert spools[0].closed
@@ -366,20 +379,7 @@ def test_replay_memory_is_kept_in_memory_up_to_its_size(
 ) -> None:
     """A body of up to ``replay_memory`` bytes is replayed from memory; past
     that, it moves to a temporary file."""
-    engine, _ = locked_engine
-    spools: list[t.Any] = []
-
-    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
-        data = environ["wsgi.input"].read()
-        spools.append(environ["wsgi.input"]._spool)
-        conflict.meet(registry)
-        start_response("200 OK", [])
-        return [data]
-
-    wrapped, registry = middleware(app, engine, replay_memory=8)
-    environ["wsgi.input"] = io.BytesIO(body)
-    environ["CONTENT_LENGTH"] = str(len(body))
-    assert serve(wrapped, environ, StartResponseRecorder()) == body
+    spools = spools_of(locked_engine[0], conflict, environ, body, memory=8)
     assert spools[0] is spools[1]
     assert isinstance(spools[0], tempfile.SpooledTemporaryFile)
     assert spools[0]._rolled is on_disk
