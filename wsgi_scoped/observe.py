@@ -36,8 +36,14 @@ _WRITES = ("INSERT", "UPDATE", "DELETE", "insert", "update", "delete")
 # Kept in a tag: ASCII that neither ends the comment nor reads as a
 # placeholder to any driver (%s, %(x)s, ?, :x, :1, $1).
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-./;=&@~+, ]")
+#: The server that served a request: :attr:`RequestStats.role`.
+_Role = t.Literal["primary", "replica"]
 #: A role as the warnings say it.
-_ON = {None: "", "primary": " on the primary", "replica": " on a replica"}
+_ON: dict[_Role | None, str] = {
+    None: "",
+    "primary": " on the primary",
+    "replica": " on a replica",
+}
 
 
 class RequestStats:
@@ -80,7 +86,7 @@ class RequestStats:
         #: ``"primary"`` or ``"replica"``: the server of the request's session
         #: (:class:`Database` with ``replicas``); ``None`` without replicas or
         #: before the session's first statement.
-        self.role: str | None = None
+        self.role: _Role | None = None
         self._pending_writes = 0
         self._checked_out_at = 0.0
         self._executing_since = 0.0
