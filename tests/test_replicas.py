@@ -600,6 +600,59 @@ def test_wait_for_replica_needs_a_replica_and_a_server(pair: replica_pair.Pair) 
     plain.engine.dispose()
 
 
+README_APP = """
+import urllib.parse
+
+import pytest
+import webtest
+from sqlalchemy import text
+
+from wsgi_scoped import Database
+
+db = Database({primary!r}, replicas=[{standby!r}])
+
+
+def todos(environ, start_response):
+    if environ["REQUEST_METHOD"] == "POST":
+        form = environ["wsgi.input"].read(int(environ["CONTENT_LENGTH"]))
+        title = urllib.parse.parse_qs(form.decode())["title"][0]
+        db().execute(text("INSERT INTO item (name) VALUES (:n)"), {{"n": title}})
+    titles = db().scalars(text("SELECT name FROM item WHERE name = 'milk'"))
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [" ".join(titles).encode()]
+
+
+@pytest.fixture
+def testapp():
+    yield webtest.TestApp(db.middleware(todos, commit=True))
+    db.engine.dispose()
+    db.replicas[0].dispose()
+
+
+"""
+
+
+def test_readme_replica_testing_sample_passes(
+    pair: replica_pair.Pair, pytester: pytest.Pytester
+) -> None:
+    """README, "Testing with read replicas": its test, as written, against
+    a todo application on the pair."""
+    from test_docs import readme_python_blocks
+
+    (sample,) = readme_python_blocks("Testing with read replicas")
+    urls = {
+        "primary": pair.primary.render_as_string(),
+        "standby": pair.standby.render_as_string(),
+    }
+    engine = create_engine(pair.primary)
+    with engine.begin() as connection:  # the sample's title, from an earlier run
+        connection.execute(text("DELETE FROM item WHERE name = 'milk'"))
+    engine.dispose()
+    pytester.makepyfile(test_readme=README_APP.format(**urls) + sample)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
+    result.assert_outcomes(passed=1)
+
+
 PLUGIN_CONFTEST = """
 import pytest
 from sqlalchemy import text
