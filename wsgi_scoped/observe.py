@@ -258,13 +258,11 @@ def _connected(session: Session, transaction: t.Any, connection: t.Any) -> None:
     """A session's transaction has its connection: the wait ends, and the
     connection's engine is the request's role."""
     stats = _current.get(get_ident())
-    if stats is None:
-        return
-    if stats._asked_at:
+    if stats is not None and stats._asked_at:
         stats.checkout_wait += time.perf_counter() - stats._asked_at
         stats._asked_at = 0.0
-    replicas = stats._observer.replicas if stats._observer else ()
-    if replicas:
+    if stats is not None and stats._observer and stats._observer.replicas:
+        replicas = stats._observer.replicas
         stats.role = "replica" if connection.engine in replicas else "primary"
 
 
