@@ -1221,6 +1221,8 @@ def test_after_commit_hooks_follow_the_handlers_own_commit(
         session.execute(text("SELECT 1"))
         after_commit(session, hook("rolled back"))
         session.rollback()
+        session.execute(text("SELECT 1"))
+        session.commit()  # a later commit: the rolled-back work's hook stays dropped
         with session.begin_nested():
             after_commit(session, hook("savepoint only"))
         after_commit(session, hook("never committed"))
