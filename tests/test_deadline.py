@@ -5,14 +5,17 @@ not even under PgBouncer's transaction pooling."""
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import time
 import typing as t
+import uuid
 import wsgiref.util
 
 import pgbouncer
 import pytest
+import replica_pair
 from conftest import StartResponseRecorder
 from conftest import serve
 from conftest import server_url
@@ -30,6 +33,7 @@ from wsgi_scoped import Database
 from wsgi_scoped import DeadlineExceededError
 from wsgi_scoped import ScopedSessionMiddleware
 from wsgi_scoped import is_transient
+from wsgi_scoped.replicas import LSN_HEADER
 
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
@@ -350,6 +354,28 @@ def test_running_out_of_time_is_never_transient(db: Database) -> None:
     assert not is_transient(refused)
 
 
+def test_a_retried_attempt_keeps_the_requests_clock(db: Database) -> None:
+    """The clock starts once, when the request arrives: after a transient
+    failure, the next attempt's transaction gets what is left, not a new
+    deadline, and still gets one."""
+    timeouts: list[int] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        timeouts.append(timeout_of(db()))
+        if len(timeouts) == 1:
+            time.sleep(0.1)
+            conflict = OperationalError("SELECT", {}, Exception("conflict"))
+            conflict.orig.sqlstate = "40001"  # type: ignore[union-attr]
+            raise conflict
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    wrapped = db.middleware(app, commit=True, retries=1, deadline=20)
+    assert call(wrapped, "/", "POST")[0] == "200 OK"
+    first, second = timeouts
+    assert 0 < second <= first - 100
+
+
 def test_a_savepoint_keeps_its_transactions_limit(db: Database) -> None:
     """``begin_nested()`` opens no transaction of its own: no second
     ``set_config``, and the limit set at BEGIN holds inside it."""
@@ -474,3 +500,113 @@ def test_a_deadline_does_not_leak_to_other_clients_of_pgbouncer(
         a.remove()
         a.engine.dispose()
         b.dispose()
+
+
+@pytest.fixture(scope="module")
+def pair() -> t.Iterator[replica_pair.Pair]:
+    """A primary and a streaming standby of this module's own."""
+    reason = replica_pair.unusable_reason()
+    if reason is not None:
+        if os.environ.get("WSGI_SCOPED_REQUIRE_SERVERS"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    with replica_pair.run_pair() as running:
+        yield running
+
+
+def replica_app(
+    db: Database, seen: list[tuple[bool, int, list[str]]]
+) -> WSGIApplication:
+    """``POST /write/NAME`` inserts a row; every request records whether it ran
+    on the standby, its ``statement_timeout`` and the names it reads."""
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        session = db()
+        name = environ["PATH_INFO"].partition("/write/")[2]
+        if name:
+            session.execute(text("INSERT INTO item (name) VALUES (:n)"), {"n": name})
+        standby = bool(session.execute(text("SELECT pg_is_in_recovery()")).scalar())
+        names = list(session.scalars(text("SELECT name FROM item")))
+        seen.append((standby, timeout_of(session), names))
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    return app
+
+
+def test_a_deadline_limits_reads_on_a_replica_and_writes_on_the_primary(
+    pair: replica_pair.Pair,
+) -> None:
+    db = Database(pair.primary, replicas=[pair.standby])
+    seen: list[tuple[bool, int, list[str]]] = []
+    app = db.middleware(replica_app(db, seen), commit=True, deadline=0.5)
+    try:
+        for method in ("GET", "POST"):
+            assert call(app, "/", method)[0] == "200 OK"
+        (read_on_standby, read_limit, _), (write_on_standby, write_limit, _) = seen
+        assert (read_on_standby, write_on_standby) == (True, False)
+        assert 0 < read_limit <= 500 and 0 < write_limit <= 500
+        assert db.replicas[0].pool.checkedout() == db.engine.pool.checkedout() == 0
+    finally:
+        db.remove()
+        for engine in (db.engine, *db.replicas):
+            engine.dispose()
+
+
+def test_read_your_writes_through_pgbouncer_under_a_deadline(
+    pair: replica_pair.Pair,
+) -> None:
+    """The primary behind PgBouncer (transaction pooling, one server
+    connection): a write under a deadline still gets the WAL position
+    (``pg_current_wal_lsn()`` in autocommit goes through), a read that
+    sends it back reads its write on the standby, and the shared server
+    connection keeps the default ``statement_timeout``."""
+    if pgbouncer.unusable_reason() is not None:
+        if os.environ.get("WSGI_SCOPED_REQUIRE_SERVERS"):
+            pytest.fail(str(pgbouncer.unusable_reason()))
+        pytest.skip(str(pgbouncer.unusable_reason()))
+    no_prepare = {"prepare_threshold": None}
+    with pgbouncer.run_pgbouncer(pair.primary, pool_size=1) as bouncer:
+        db = Database(bouncer.url, replicas=[pair.standby], connect_args=no_prepare)
+        seen: list[tuple[bool, int, list[str]]] = []
+        app = db.middleware(replica_app(db, seen), commit=True, deadline=2)
+        name = uuid.uuid4().hex
+        try:
+            status, headers, _ = call(app, f"/write/{name}", "POST")
+            assert status == "200 OK"
+            lsn = dict(headers)[LSN_HEADER]
+            replica_pair.wait_for_replay(pair.standby, lsn)
+            environ: WSGIEnvironment = {"HTTP_X_WSGI_SCOPED_LSN": lsn}
+            wsgiref.util.setup_testing_defaults(environ)
+            assert serve(app, environ, StartResponseRecorder()) == b"ok"
+            (on_standby, limit, _), (read_on_standby, _, names) = seen
+            assert (on_standby, read_on_standby) == (False, True)
+            assert 0 < limit <= 2000 and name in names
+            with db.engine.connect() as connection:
+                shown = connection.execute(text("SHOW statement_timeout"))
+                assert shown.scalar_one() == "0"
+        finally:
+            db.remove()
+            for engine in (db.engine, *db.replicas):
+                engine.dispose()
+
+
+def test_every_registry_gets_the_deadline() -> None:
+    """A sessionmaker made where a garbage-collected one lived still gets
+    the deadline's listener: ``event.contains()`` would take it for the dead
+    one, whose key SQLAlchemy keeps."""
+    engine = create_engine(server_url("postgresql"))
+    limits = []
+    try:
+        for _ in range(20):
+            registry = scoped_session(sessionmaker(engine))
+            handler = Handler(registry)
+            app = ScopedSessionMiddleware(handler, registry, deadline=5)
+            assert call(app)[0] == "200 OK"
+            limits.extend(handler.timeouts)
+            registry.remove()
+            del registry, handler, app
+            gc.collect()
+    finally:
+        engine.dispose()
+    assert all(0 < limit <= 5000 for limit in limits)

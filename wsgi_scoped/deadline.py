@@ -16,7 +16,6 @@ import contextvars
 import time
 import typing as t
 
-from sqlalchemy import event
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session
@@ -25,6 +24,7 @@ from sqlalchemy.orm import sessionmaker
 from ._arguments import _check_deadline
 from ._arguments import _engine_of
 from .exceptions import DeadlineExceededError
+from .transaction import _listen_once
 
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
@@ -93,8 +93,7 @@ class _Deadline:
             raise ValueError(_NOT_POSTGRESQL.format(backend=backend))
         self.deadline = deadline
         self.registry = registry
-        if not event.contains(factory, "after_begin", _limit):
-            event.listen(factory, "after_begin", _limit)
+        _listen_once(factory, "after_begin", _limit)
 
     def receive(self, environ: WSGIEnvironment) -> None:
         """Stamp the request's deadline: its clock starts now. An outer

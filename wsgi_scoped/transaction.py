@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import tempfile
 import typing as t
+import weakref
 
 from sqlalchemy import Connection
 from sqlalchemy import event
@@ -140,6 +141,24 @@ _ABORTED = (
 #: PostgreSQL's "in a failed transaction block" (libpq's PQTRANS_INERROR),
 #: as psycopg 3 and psycopg2 report it in ``connection.info.transaction_status``.
 _PG_INERROR = 3
+
+
+#: The listeners installed on each sessionmaker, held weakly: SQLAlchemy's
+#: ``event.contains()`` keeps a collected sessionmaker's key, and so answers
+#: yes for a new one made at the same address.
+_listening: weakref.WeakKeyDictionary[sessionmaker[t.Any], set[t.Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _listen_once(
+    sessions: sessionmaker[t.Any], name: str, listener: t.Callable[..., t.Any]
+) -> None:
+    """Listen to the event ``name`` of the sessions of ``sessions``, once."""
+    installed = _listening.setdefault(sessions, set())
+    if (name, listener) not in installed:
+        installed.add((name, listener))
+        event.listen(sessions, name, listener)
 
 
 def _guard_commits(sessions: object) -> None:
