@@ -164,10 +164,8 @@ def _listen_once(
 def _guard_commits(sessions: object) -> None:
     """Make the sessions of ``sessions`` (a sessionmaker) refuse to commit
     an aborted PostgreSQL transaction; once per sessionmaker."""
-    if isinstance(sessions, sessionmaker) and not event.contains(
-        sessions, "before_commit", _refuse_aborted_commit
-    ):
-        event.listen(sessions, "before_commit", _refuse_aborted_commit)
+    if isinstance(sessions, sessionmaker):
+        _listen_once(sessions, "before_commit", _refuse_aborted_commit)
 
 
 def _refuse_aborted_commit(session: Session) -> None:
