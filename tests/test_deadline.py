@@ -171,6 +171,16 @@ def test_each_transaction_gets_the_time_left(db: Database) -> None:
     assert 0 < second <= first <= 30_000
 
 
+def test_a_deadline_beyond_postgresqls_longest_timeout_is_capped(
+    db: Database,
+) -> None:
+    """Some 31 years is more than ``statement_timeout`` takes (an int of
+    milliseconds): the longest it takes is set instead of an error."""
+    handler = Handler(db)
+    assert call(db.middleware(handler, deadline=1e9))[0] == "200 OK"
+    assert handler.timeouts == [2**31 - 1]
+
+
 def test_no_time_left_refuses_the_transaction(db: Database) -> None:
     """The deadline passed before the first query: no statement is sent,
     the handler sees ``DeadlineExceededError``, the request answers 503."""
