@@ -8,6 +8,7 @@ import typing as t
 import pytest
 from conftest import server_url
 from sqlalchemy import create_engine
+from sqlalchemy import event
 from sqlalchemy import text
 
 from wsgi_scoped.pytest_plugin import count_queries
@@ -297,3 +298,61 @@ def test_plugin_registered_through_entry_point_only() -> None:
 
     [entry] = [e for e in entry_points(group="pytest11") if e.name == "wsgi_scoped"]
     assert entry.value == "wsgi_scoped.pytest_plugin"
+
+
+@pytest.mark.parametrize("level", ["", "DEFERRED", "IMMEDIATE"])
+def test_sqlite_workaround_leaves_the_driver_as_it_found_it(
+    tmp_path: t.Any, level: str
+) -> None:
+    """The fixtures make SQLAlchemy send BEGIN on the test's pysqlite
+    connection, so that savepoints work; afterwards the pooled connection
+    is put back as it was: pysqlite begins transactions itself again, with
+    the connection's own isolation level, and a rollback undoes work."""
+    from wsgi_scoped.pytest_plugin import _emit_sqlite_begin
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'workaround.db'}")
+    sent: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *a: sent.append(a[2]))
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("CREATE TABLE note (body TEXT)"))
+            connection.commit()
+            dbapi_connection = connection.connection.dbapi_connection
+            assert dbapi_connection is not None
+            dbapi_connection.isolation_level = level
+            restore = _emit_sqlite_begin(connection)
+            sent.clear()
+            with connection.begin():
+                with connection.begin_nested():
+                    connection.execute(text("INSERT INTO note VALUES ('kept')"))
+            assert sent[:2] == ["BEGIN", "SAVEPOINT sa_savepoint_1"]
+            restore()
+            assert dbapi_connection.isolation_level == level
+            sent.clear()
+            connection.execute(text("INSERT INTO note VALUES ('undone')"))
+            connection.rollback()
+            assert "BEGIN" not in sent
+            bodies = connection.execute(text("SELECT body FROM note")).scalars()
+            assert bodies.all() == ["kept"]
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_workaround_is_for_pysqlite_only() -> None:
+    """Other drivers begin transactions as SQLAlchemy expects: the fixtures
+    leave them alone."""
+    from wsgi_scoped.pytest_plugin import _emit_sqlite_begin
+
+    engine = create_engine(server_url("postgresql"))
+    sent: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *a: sent.append(a[2]))
+    try:
+        with engine.connect() as connection:
+            restore = _emit_sqlite_begin(connection)
+            sent.clear()
+            with connection.begin():
+                connection.execute(text("SELECT 1"))
+            restore()
+        assert sent == ["SELECT 1"]
+    finally:
+        engine.dispose()

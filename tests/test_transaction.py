@@ -4,6 +4,7 @@ after-commit hooks, commit failures, and the retry loop with a replayed body."""
 from __future__ import annotations
 
 import functools
+import gc
 import io
 import sqlite3
 import sys
@@ -24,6 +25,7 @@ from sqlalchemy import String
 from sqlalchemy import create_engine
 from sqlalchemy import event
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase
@@ -1197,6 +1199,21 @@ def test_aborted_transaction_refused_outside_requests_too(pg_engine: Engine) -> 
     assert pg_names(pg_engine) == ["taken"]
 
 
+def test_every_sessionmaker_gets_the_guard(pg_engine: Engine) -> None:
+    """Also one made where a garbage-collected one lived: SQLAlchemy's
+    ``event.contains()`` keeps the dead one's key and would answer yes."""
+    for _ in range(20):
+        factory = sessionmaker(pg_engine)
+        ScopedSessionMiddleware(noop, scoped_session(factory))
+        with factory() as session:
+            with pytest.raises(DBAPIError):
+                session.execute(text("SELECT no_such_column"))
+            with pytest.raises(AbortedTransactionError):
+                session.commit()
+        del factory, session
+        gc.collect()
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_after_commit_hooks_follow_the_handlers_own_commit(
     backend: str, tmp_path: t.Any, environ: WSGIEnvironment
@@ -1221,6 +1238,8 @@ def test_after_commit_hooks_follow_the_handlers_own_commit(
         session.execute(text("SELECT 1"))
         after_commit(session, hook("rolled back"))
         session.rollback()
+        session.execute(text("SELECT 1"))
+        session.commit()  # a later commit: the rolled-back work's hook stays dropped
         with session.begin_nested():
             after_commit(session, hook("savepoint only"))
         after_commit(session, hook("never committed"))

@@ -3,6 +3,7 @@
 from .database import SQLITE_BUSY_TIMEOUT as SQLITE_BUSY_TIMEOUT
 from .database import Database as Database
 from .exceptions import AbortedTransactionError as AbortedTransactionError
+from .exceptions import DeadlineExceededError as DeadlineExceededError
 from .exceptions import ReplicaWriteError as ReplicaWriteError
 from .exceptions import WsgiScopedError as WsgiScopedError
 from .exceptions import WsgiScopedWarning as WsgiScopedWarning
@@ -20,6 +21,7 @@ __all__ = [
     "AbortedTransactionError",
     "CommitVeto",
     "Database",
+    "DeadlineExceededError",
     "HealthCheck",
     "ReplicaWriteError",
     "RequestStats",

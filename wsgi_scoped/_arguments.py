@@ -4,6 +4,7 @@ layers nested around one registry."""
 
 from __future__ import annotations
 
+import math
 import typing as t
 
 from sqlalchemy import Engine
@@ -86,6 +87,29 @@ def _check_observing(
         )
 
 
+def _check_deadline(deadline: object, returned_by: object = None) -> None:
+    """``deadline`` is a finite number of seconds > 0, a callable or
+    ``None``; or, with ``returned_by``, what that callable returned."""
+    if returned_by is None:
+        if deadline is None or callable(deadline):
+            return
+        problem = (
+            "'deadline' must be a number of seconds > 0, or a callable taking"
+            f" the environ and returning one (or None), got {deadline!r}."
+            " Fix: pass e.g. deadline=2.5, or None for no deadline."
+        )
+    else:
+        name = getattr(returned_by, "__qualname__", type(returned_by).__qualname__)
+        problem = (
+            f"The 'deadline' callable {name!r} returned {deadline!r}: it must"
+            " return a number of seconds > 0, or None for no deadline."
+        )
+    if not isinstance(deadline, (int, float)) or isinstance(deadline, bool):
+        raise TypeError(problem)
+    if not (deadline > 0 and math.isfinite(deadline)):
+        raise ValueError(problem)
+
+
 def _require_bool(name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"'{name}' must be True or False, got {value!r}.")
@@ -138,10 +162,11 @@ _POLICY_NAMES = (
     "warn_statements",
     "warn_db_time",
     "trace",
+    "deadline",
 )
 
 
-_DEFAULTS = (False, None, 0, False, False, None, None, False)
+_DEFAULTS = (False, None, 0, False, False, None, None, False, None)
 
 
 def _check_nesting(inner: t.Any, owner: t.Any) -> None:

@@ -60,6 +60,16 @@ class ReplicaWriteError(WsgiScopedError):
     """
 
 
+class DeadlineExceededError(WsgiScopedError):
+    """A request's deadline (``deadline=``) passed before its session began
+    a transaction, so the transaction was not begun. Under the middleware
+    the request is answered ``503 Service Unavailable``, as it is when a
+    statement is cancelled by the deadline's ``statement_timeout``.
+
+    .. versionadded:: 0.1
+    """
+
+
 def _loggable(value: object) -> str:
     """``value``, from the request, as text that cannot start a log line or
     control a terminal: UTF-8 bytes are decoded, and line breaks, control

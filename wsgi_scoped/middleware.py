@@ -23,6 +23,8 @@ from ._arguments import _check_observing
 from ._arguments import _check_options
 from ._arguments import _describe
 from ._arguments import _engine_of
+from .deadline import _Deadline
+from .deadline import _finished as _deadline_finished
 from .exceptions import WsgiScopedWarning
 from .exceptions import _log_failure
 from .observe import STATS_KEY
@@ -34,6 +36,7 @@ from .transaction import _commit_body
 from .transaction import _finish_handler
 from .transaction import _guard_commits
 from .transaction import _HeldResponse
+from .transaction import _out_of_time
 from .transaction import _Replay
 from .transaction import _replayable_input
 from .transaction import _roll_back
@@ -63,13 +66,10 @@ _UNUSABLE = (
     " a WSGI application must return an iterable of bytes (PEP 3333), such as"
     " [b'Hello'] or a generator of bytes. Nothing was committed."
 )
-#: The answer to a request that found the connection pool exhausted.
+#: The answers to a request that found the connection pool exhausted, and
+#: to one that ran out of time (``deadline``): 503 with Retry-After.
 _EXHAUSTED = b"Service Unavailable: no database connection is free. Retry later.\n"
-_EXHAUSTED_HEADERS = [
-    ("Content-Type", "text/plain; charset=utf-8"),
-    ("Content-Length", str(len(_EXHAUSTED))),
-    ("Retry-After", "1"),
-]
+_OUT_OF_TIME = b"Service Unavailable: the request ran out of time. Retry later.\n"
 
 _STALE = (
     "A session was still registered for this thread or greenlet when a request"
@@ -145,9 +145,17 @@ class ScopedSessionMiddleware:
     :param trace: tag every statement with a SQL comment naming the request
         (method and path), or with the value of the request header named
         here, such as ``"X-Request-Id"``.
+    :param deadline: seconds a request may take, counted from the moment
+        this middleware receives it, or a callable taking the environ and
+        returning such seconds (``None``: no deadline for that request).
+        Each transaction of the request's session gets PostgreSQL's
+        ``statement_timeout`` set to the time left; a statement it cancels,
+        or a transaction begun with no time left, answers 503 and is never
+        retried. ``None`` (the default) costs nothing. PostgreSQL only.
     :raises TypeError: if ``app`` is not callable, ``registry`` is not a
         ``scoped_session``, or an option has the wrong type.
-    :raises ValueError: if an option is out of range, or needs ``commit``.
+    :raises ValueError: if an option is out of range, or needs ``commit``,
+        or ``deadline`` is given for a database other than PostgreSQL.
 
     .. code-block:: python
 
@@ -173,6 +181,7 @@ class ScopedSessionMiddleware:
         warn_statements: int | None = None,
         warn_db_time: float | None = None,
         trace: bool | str = False,
+        deadline: float | t.Callable[[WSGIEnvironment], float | None] | None = None,
     ) -> None:
         _check_arguments(app, registry)
         _check_options(
@@ -208,16 +217,22 @@ class ScopedSessionMiddleware:
             warn_statements,
             warn_db_time,
             trace,
+            deadline,
         )
         # Server-Timing must be in the headers before they go out.
         self._hold = commit or server_timing
         self._concurrency_checked = False
         _guard_commits(registry.session_factory)
         #: A registry's optional per-request hook, such as Database's with
-        #: replicas; ``_end()`` calls its ``_request_finished()``.
+        #: replicas; ``_end()`` calls its ``_request_finished()``. With a
+        #: deadline, the deadline's hook runs first.
         self._started: _RequestStarted | None = getattr(
             registry, "_request_started", None
         )
+        self._deadline: _Deadline | None = None
+        if deadline is not None:
+            self._deadline = _Deadline(deadline, registry)
+            self._started = self._deadline.started(self._started)
 
     def __repr__(self) -> str:
         return f"<ScopedSessionMiddleware({self.app!r}{_describe(self._policy)})>"
@@ -242,6 +257,8 @@ class ScopedSessionMiddleware:
             warnings.warn(_STALE, WsgiScopedWarning, stacklevel=2)
         if injected is not None:
             registry.registry.set(injected)
+        if self._deadline is not None:
+            self._deadline.receive(environ)
         environ[_ACTIVE] = (*outer, registry)
         environ[_LAYERS] = (*environ.get(_LAYERS, ())[: len(outer)], self)
         if self._hold:
@@ -256,8 +273,8 @@ class ScopedSessionMiddleware:
             materialized = _is_materialized(body, environ, self.app)
         except BaseException as error:
             _end_quietly(registry, environ, outer)
-            if _pool_exhausted(error):
-                return _unavailable(registry, environ, start_response)
+            if self._unavailable(error):
+                return _answer_unavailable(registry, environ, start_response, error)
             raise
         if materialized:
             _end_materialized(registry, environ, outer, body)
@@ -306,10 +323,19 @@ class ScopedSessionMiddleware:
                 ):
                     if replay is not None:
                         replay.close()
-                    if not response.released and _pool_exhausted(error):
-                        return _unavailable(self.registry, environ, start_response)
+                    if not response.released and self._unavailable(error):
+                        return _answer_unavailable(
+                            self.registry, environ, start_response, error
+                        )
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _unavailable(self, error: BaseException) -> bool:
+        """Whether ``error`` is answered 503 (if nothing was sent yet): the
+        pool was exhausted, or, with a deadline, the request ran out of time."""
+        if isinstance(error, PoolTimeout):
+            return True
+        return self._deadline is not None and _out_of_time(error)
 
     def _attempt(
         self,
@@ -432,25 +458,30 @@ def _is_materialized(
     return environ.get(_RENDERED) is body
 
 
-def _pool_exhausted(error: BaseException) -> bool:
-    """SQLAlchemy's "QueuePool limit ... reached, connection timed out"."""
-    return isinstance(error, PoolTimeout)
-
-
-def _unavailable(
+def _answer_unavailable(
     registry: scoped_session[t.Any],
     environ: WSGIEnvironment,
     start_response: StartResponse,
+    error: BaseException,
 ) -> list[bytes]:
     """Answer 503 with Retry-After to a request that found the pool
-    exhausted, and log it with the pool's figures."""
-    try:
-        figures = _engine_of(registry, "").pool.status()
-    except TypeError:
-        figures = "the registry is not bound to one engine"
-    _log_failure(f"Getting a pooled connection ({figures})", environ)
-    start_response("503 Service Unavailable", _EXHAUSTED_HEADERS, sys.exc_info())
-    return [_EXHAUSTED]
+    exhausted (logged with the pool's figures) or ran out of time."""
+    if isinstance(error, PoolTimeout):
+        try:
+            figures = _engine_of(registry, "").pool.status()
+        except TypeError:
+            figures = "the registry is not bound to one engine"
+        what, body = f"Getting a pooled connection ({figures})", _EXHAUSTED
+    else:
+        what, body = "Finishing the request before its deadline", _OUT_OF_TIME
+    _log_failure(what, environ)
+    headers = [
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Content-Length", str(len(body))),
+        ("Retry-After", "1"),
+    ]
+    start_response("503 Service Unavailable", headers, sys.exc_info())
+    return [body]
 
 
 def _end_materialized(
@@ -504,6 +535,7 @@ def _end(
         finished = getattr(registry, "_request_finished", None)
         if finished is not None:
             finished()
+        _deadline_finished(registry, environ)
         if stats is not None:
             stats._observer.finish(stats, environ)
 

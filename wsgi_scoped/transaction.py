@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import tempfile
 import typing as t
+import weakref
 
 from sqlalchemy import Connection
 from sqlalchemy import event
@@ -16,6 +17,7 @@ from sqlalchemy.orm import scoped_session
 from sqlalchemy.orm import sessionmaker
 
 from .exceptions import AbortedTransactionError
+from .exceptions import DeadlineExceededError
 from .exceptions import _log_failure
 from .exceptions import _parameters_hidden
 from .exceptions import logger
@@ -41,6 +43,9 @@ COMMIT_KEY = "wsgi_scoped.commit"
 
 #: SQLSTATEs of PostgreSQL's serialization failure and deadlock.
 _PG_TRANSIENT = frozenset({"40001", "40P01"})
+#: SQLSTATE of PostgreSQL's query_canceled: a statement_timeout (a deadline's)
+#: or a cancel request.
+_PG_CANCELLED = "57014"
 #: MySQL/MariaDB error numbers of a deadlock and a lock wait timeout.
 _MYSQL_TRANSIENT = frozenset({1213, 1205})
 _MYSQL_DRIVERS = ("pymysql", "MySQLdb", "mysql", "mariadb")
@@ -138,13 +143,29 @@ _ABORTED = (
 _PG_INERROR = 3
 
 
+#: The listeners installed on each sessionmaker, held weakly: SQLAlchemy's
+#: ``event.contains()`` keeps a collected sessionmaker's key, and so answers
+#: yes for a new one made at the same address.
+_listening: weakref.WeakKeyDictionary[sessionmaker[t.Any], set[t.Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _listen_once(
+    sessions: sessionmaker[t.Any], name: str, listener: t.Callable[..., t.Any]
+) -> None:
+    """Listen to the event ``name`` of the sessions of ``sessions``, once."""
+    installed = _listening.setdefault(sessions, set())
+    if (name, listener) not in installed:
+        installed.add((name, listener))
+        event.listen(sessions, name, listener)
+
+
 def _guard_commits(sessions: object) -> None:
     """Make the sessions of ``sessions`` (a sessionmaker) refuse to commit
     an aborted PostgreSQL transaction; once per sessionmaker."""
-    if isinstance(sessions, sessionmaker) and not event.contains(
-        sessions, "before_commit", _refuse_aborted_commit
-    ):
-        event.listen(sessions, "before_commit", _refuse_aborted_commit)
+    if isinstance(sessions, sessionmaker):
+        _listen_once(sessions, "before_commit", _refuse_aborted_commit)
 
 
 def _refuse_aborted_commit(session: Session) -> None:
@@ -300,7 +321,9 @@ def is_transient(error: BaseException) -> bool:
     MySQL Connector, MariaDB Connector), SQLite's "database is locked", or a
     connection lost while a statement ran (the server rolled the transaction
     back). A connection lost during ``COMMIT`` is not: whether that commit
-    happened is unknown.
+    happened is unknown. Nor is a request out of time: a statement cancelled
+    (SQLSTATE ``57014``, as a deadline's ``statement_timeout`` does) or a
+    :class:`DeadlineExceededError`, even raised while handling a conflict.
     Exceptions raised *from* such an error, or while one was handled, count
     too; ``SystemExit``, ``KeyboardInterrupt``, ``GeneratorExit`` and other
     exceptions that are not :class:`Exception` never do.
@@ -312,17 +335,46 @@ def is_transient(error: BaseException) -> bool:
     """
     if not isinstance(error, Exception):
         return False  # a shutdown or a closed generator is never retried
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    if _out_of_time(error):
+        return False  # the time is gone: a retry would have none
+    for current in _chain(error):
         if isinstance(current, DBAPIError) and _lost_before_commit(current):
             return True
         orig = current.orig if isinstance(current, DBAPIError) else current
         if orig is not None and _is_transient_driver_error(orig):
             return True
-        current = current.__cause__ or current.__context__
     return False
+
+
+def _out_of_time(error: BaseException) -> bool:
+    """A transaction refused by a request's deadline, or a statement
+    cancelled (SQLSTATE 57014, as the deadline's statement_timeout does),
+    anywhere in ``error``'s chain."""
+    for current in _chain(error):
+        if isinstance(current, DeadlineExceededError):
+            return True
+        orig = current.orig if isinstance(current, DBAPIError) else current
+        if _sqlstate(orig) == _PG_CANCELLED:
+            return True
+    return False
+
+
+def _chain(error: BaseException) -> t.Iterator[BaseException]:
+    """``error``, then what it was raised from or while handling, as
+    traceback walks it (a cycle ends the walk)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _sqlstate(orig: object) -> str | None:
+    """The SQLSTATE of a psycopg 3 (``sqlstate``) or psycopg2 (``pgcode``)
+    error."""
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return code if isinstance(code, str) else None
 
 
 def _lost_before_commit(error: DBAPIError) -> bool:
@@ -342,8 +394,7 @@ def _is_transient_driver_error(orig: BaseException) -> bool:
         return number in _MYSQL_TRANSIENT
     if module == "sqlite3":
         return str(orig).startswith("database is locked")
-    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    return code in _PG_TRANSIENT
+    return _sqlstate(orig) in _PG_TRANSIENT
 
 
 class _Replay:
