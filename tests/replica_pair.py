@@ -1,7 +1,8 @@
 """A private PostgreSQL primary and a streaming hot standby, on free ports of
-127.0.0.1, for ``tests/test_replicas.py``: ``initdb``, ``pg_basebackup -R``,
-both stopped at the end. The standby can be held back deterministically with
-:func:`paused_replay`."""
+127.0.0.1, for ``tests/test_replicas.py`` and ``benchmarks/replicas.py``:
+``initdb``, ``pg_basebackup -R``, both stopped at the end. The pytest
+plugin's ``paused_replica()`` holds the standby back deterministically, and
+its ``wait_for_replica()`` waits for it to catch up."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 import typing as t
 from pathlib import Path
 
@@ -23,6 +23,8 @@ from sqlalchemy import Engine
 from sqlalchemy import create_engine
 from sqlalchemy import text
 from sqlalchemy.pool import NullPool
+
+from wsgi_scoped.pytest_plugin import wait_for_replica
 
 #: The programs the pair needs, found on PATH or in Debian's versioned directory.
 _PROGRAMS = ("initdb", "pg_ctl", "pg_basebackup", "postgres")
@@ -158,7 +160,7 @@ def run_pair() -> t.Iterator[Pair]:
                 connection.execute(
                     text("CREATE TABLE item (id serial PRIMARY KEY, name text)")
                 )
-            wait_for_replay(pair.standby, current_lsn(primary))
+            wait_for_replica(primary, pair.standby, timeout=_TIMEOUT)
         yield pair
     finally:
         for name in reversed(started):
@@ -174,38 +176,3 @@ def _engine(url: URL) -> t.Iterator[Engine]:
         yield engine
     finally:
         engine.dispose()
-
-
-def current_lsn(primary: Engine) -> str:
-    """The primary's WAL position, read after the caller's commit."""
-    with primary.connect() as connection:
-        lsn = connection.execute(text("SELECT pg_current_wal_lsn()")).scalar_one()
-        return str(lsn)
-
-
-def wait_for_replay(standby: URL, position: str, timeout: float = 15) -> None:
-    """Wait until ``standby`` has replayed the primary's WAL up to
-    ``position``, polling for at most ``timeout`` seconds."""
-    query = text("SELECT pg_last_wal_replay_lsn() >= CAST(:lsn AS pg_lsn)")
-    deadline = time.monotonic() + timeout
-    with _engine(standby) as engine, engine.connect() as connection:
-        while not connection.execute(query, {"lsn": position}).scalar():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the standby did not replay {position} in time")
-            time.sleep(0.01)
-            connection.rollback()
-
-
-@contextlib.contextmanager
-def paused_replay(standby: URL) -> t.Iterator[None]:
-    """Hold the standby back: it receives the primary's WAL but applies none
-    of it until the block ends (``pg_wal_replay_pause()``), so a test sees a
-    lagging replica without sleeping."""
-    with _engine(standby) as engine, engine.connect() as connection:
-        connection.execute(text("SELECT pg_wal_replay_pause()"))
-        connection.commit()
-        try:
-            yield
-        finally:
-            connection.execute(text("SELECT pg_wal_replay_resume()"))
-            connection.commit()

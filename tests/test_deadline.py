@@ -33,6 +33,7 @@ from wsgi_scoped import Database
 from wsgi_scoped import DeadlineExceededError
 from wsgi_scoped import ScopedSessionMiddleware
 from wsgi_scoped import is_transient
+from wsgi_scoped.pytest_plugin import wait_for_replica
 from wsgi_scoped.replicas import LSN_HEADER
 
 if t.TYPE_CHECKING:
@@ -585,7 +586,7 @@ def test_read_your_writes_through_pgbouncer_under_a_deadline(
             status, headers, _ = call(app, f"/write/{name}", "POST")
             assert status == "200 OK"
             lsn = dict(headers)[LSN_HEADER]
-            replica_pair.wait_for_replay(pair.standby, lsn)
+            wait_for_replica(pair.primary, pair.standby)  # past lsn
             environ: WSGIEnvironment = {"HTTP_X_WSGI_SCOPED_LSN": lsn}
             wsgiref.util.setup_testing_defaults(environ)
             assert serve(app, environ, StartResponseRecorder()) == b"ok"

@@ -6,6 +6,7 @@ these tests start (``tests/replica_pair.py``) and hold back with
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import http.client
 import json
 import logging
@@ -33,8 +34,12 @@ from support import running
 
 from wsgi_scoped import Database
 from wsgi_scoped import ReplicaWriteError
+from wsgi_scoped import RequestStats
 from wsgi_scoped import WsgiScopedError
 from wsgi_scoped import after_commit
+from wsgi_scoped.observe import STATS_KEY
+from wsgi_scoped.pytest_plugin import paused_replica
+from wsgi_scoped.pytest_plugin import wait_for_replica
 from wsgi_scoped.replicas import LSN_COOKIE
 from wsgi_scoped.replicas import LSN_HEADER
 
@@ -65,6 +70,8 @@ class Seen:
     def __init__(self) -> None:
         self.replica: list[bool] = []
         self.names: list[str] = []
+        #: Each request's statistics, when the middleware keeps them.
+        self.stats: list[RequestStats | None] = []
 
 
 def make_db(pair: replica_pair.Pair, **options: t.Any) -> Database:
@@ -91,6 +98,7 @@ def make_app(db: Database, seen: Seen) -> t.Callable[..., t.Any]:
         )
         if "primary" in query:
             db.use_primary()
+        seen.stats.append(environ.get(STATS_KEY))
         session = db()
         if "write" in query:
             session.execute(
@@ -397,7 +405,7 @@ def test_read_your_writes_on_a_lagging_replica(
     seen = Seen()
     app = client(db, seen, commit=True)
     name = uuid.uuid4().hex
-    with replica_pair.paused_replay(pair.standby):
+    with paused_replica(pair.standby):
         lsn = app.post(f"/?write={name}").headers[LSN_HEADER]
         if carrier == "header":
             app.reset()  # forget the cookie: an API client sends the header
@@ -409,7 +417,7 @@ def test_read_your_writes_on_a_lagging_replica(
         app.get("/")  # without the position: the replica, behind
         assert seen.replica[-1] is True
         assert name not in seen.names
-    replica_pair.wait_for_replay(pair.standby, lsn)
+    wait_for_replica(db)
     if carrier == "cookie":
         app.set_cookie(LSN_COOKIE, lsn)
     app.get("/", headers=sent)
@@ -427,7 +435,7 @@ def test_a_request_waits_for_the_replica_to_replay(pair: replica_pair.Pair) -> N
     checks = replay_checks(db)
     name = uuid.uuid4().hex
     try:
-        with replica_pair.paused_replay(pair.standby):
+        with paused_replica(db.replicas[0]):
             lsn = app.post(f"/?write={name}").headers[LSN_HEADER]
             reader = threading.Thread(target=app.get, args=("/",))
             reader.start()
@@ -444,6 +452,205 @@ def test_a_request_waits_for_the_replica_to_replay(pair: replica_pair.Pair) -> N
         db.remove()
         for engine in (db.engine, *db.replicas):
             engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "lagging", "role", "timing"),
+    [
+        pytest.param("/", "GET", False, "replica", "2 queries", id="GET"),
+        pytest.param("/", "POST", False, "primary", "2 queries", id="POST"),
+        pytest.param("/?primary=1", "GET", False, "primary", "2 queries", id="primary"),
+        pytest.param("/", "GET", True, "primary", None, id="GET, position ahead"),
+    ],
+)
+def test_statistics_and_server_timing_say_which_role_served(
+    db: Database,
+    path: str,
+    method: str,
+    lagging: bool,
+    role: str,
+    timing: str | None,
+) -> None:
+    """The role of the server that ran the request's statements, counted
+    wherever they ran; a client that sent back a position the paused
+    replica has not replayed is served by the primary."""
+    seen = Seen()
+    app = client(db, seen, commit=True, stats=True, server_timing=True)
+    paused = paused_replica(db.replicas[0]) if lagging else contextlib.nullcontext()
+    with paused:
+        if lagging:
+            app.post(f"/?write={uuid.uuid4().hex}")  # its cookie has the position
+        response = app.request(path, method=method)
+    stats = seen.stats[-1]
+    assert stats is not None
+    assert stats.role == role
+    assert seen.replica[-1] is (role == "replica")
+    server_timing = response.headers["Server-Timing"]
+    assert server_timing.endswith(f", db-role;desc={role}")
+    if timing is None:  # the handler's two, and the replica's replay checks
+        assert stats.statements > 2
+    else:
+        assert f'desc="{timing}"' in server_timing
+        assert stats.statements == 2
+    assert f"role={role!r}" in repr(stats)
+
+
+def test_no_role_without_a_statement_or_without_replicas(
+    db: Database, pair: replica_pair.Pair
+) -> None:
+    def idle(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        start_response("200 OK", [])
+        return []
+
+    plain = Database(pair.primary)
+    seen = Seen()
+    try:
+        for database, app in ((db, idle), (plain, make_app(plain, seen))):
+            sent: dict[str, str] = {}
+            environ: dict[str, t.Any] = {"REQUEST_METHOD": "GET", "QUERY_STRING": ""}
+            database.middleware(app, server_timing=True)(
+                environ, lambda s, h, e=None, sent=sent: sent.update(h)
+            )
+            assert environ[STATS_KEY].role is None
+            assert "db-role" not in sent["Server-Timing"]
+        assert seen.replica == [False]
+    finally:
+        plain.engine.dispose()
+
+
+def test_statement_warnings_say_which_role_served(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen = Seen()
+    app = client(db, seen, commit=True, warn_statements=1, warn_db_time=0)
+    app.get("/")
+    app.post("/")
+    times = [f"{stats.db_time:.3f}" for stats in seen.stats if stats is not None]
+    assert [r.getMessage() for r in caplog.records] == [
+        "GET / ran 2 SQL statements on a replica (the limit is 1): an N+1 query?",
+        f"GET / spent {times[0]} s in the database on a replica (the limit is 0.000 s)",
+        "POST / ran 2 SQL statements on the primary (the limit is 1): an N+1 query?",
+        f"POST / spent {times[1]} s in the database on the primary"
+        " (the limit is 0.000 s)",
+    ]
+
+
+def on_replica(db: Database, name: str) -> bool:
+    """Whether the replica has the row ``name``."""
+    with db.replicas[0].connect() as connection:
+        query = text("SELECT 1 FROM item WHERE name = :n")
+        return connection.execute(query, {"n": name}).first() is not None
+
+
+def insert(db: Database, name: str) -> None:
+    with db.engine.begin() as connection:
+        connection.execute(text("INSERT INTO item (name) VALUES (:n)"), {"n": name})
+
+
+@pytest.mark.parametrize("given", ["URLs", "engines"])
+def test_a_paused_replica_has_a_write_once_waited_for(
+    db: Database, pair: replica_pair.Pair, given: str
+) -> None:
+    """paused_replica() holds a write back on the replica, deterministically;
+    wait_for_replica() waits for the write once replay resumes."""
+    primary: t.Any = pair.primary
+    replica: t.Any = pair.standby
+    if given == "engines":
+        primary, replica = db.engine, db.replicas[0]
+    name = uuid.uuid4().hex
+    with paused_replica(replica):
+        insert(db, name)
+        with pytest.raises(TimeoutError, match="did not replay the primary's WAL"):
+            wait_for_replica(primary, replica, timeout=0.1)
+        assert not on_replica(db, name)
+    lsn = wait_for_replica(primary, replica)
+    assert LSN.fullmatch(lsn)
+    assert on_replica(db, name)
+    with db.engine.connect() as connection:
+        ahead = text("SELECT pg_current_wal_lsn() >= CAST(:lsn AS pg_lsn)")
+        assert connection.execute(ahead, {"lsn": lsn}).scalar() is True
+
+
+def test_wait_for_replica_waits_for_each_replica_of_a_database(db: Database) -> None:
+    name = uuid.uuid4().hex
+    with paused_replica(db.replicas[0]):
+        insert(db, name)
+        with pytest.raises(TimeoutError, match="Is its replay paused"):
+            wait_for_replica(db, timeout=0)
+    wait_for_replica(db)
+    assert on_replica(db, name)
+
+
+def test_a_paused_replica_resumes_when_the_block_raises(db: Database) -> None:
+    paused = text("SELECT pg_is_wal_replay_paused()")
+    with pytest.raises(KeyError), paused_replica(db.replicas[0]):
+        with db.replicas[0].connect() as connection:
+            assert connection.execute(paused).scalar() is True
+        raise KeyError("the test failed")
+    with db.replicas[0].connect() as connection:
+        assert connection.execute(paused).scalar() is False
+
+
+def test_wait_for_replica_needs_a_replica_and_a_server(pair: replica_pair.Pair) -> None:
+    plain = Database("sqlite://")
+    with pytest.raises(TypeError, match="no replica to wait for.*has no 'replicas'"):
+        wait_for_replica(plain)
+    with pytest.raises(TypeError, match="The replica helpers need a wsgi_scoped"):
+        wait_for_replica(42, pair.standby)  # type: ignore[arg-type]
+    plain.engine.dispose()
+
+
+README_APP = """
+import urllib.parse
+
+import pytest
+import webtest
+from sqlalchemy import text
+
+from wsgi_scoped import Database
+
+db = Database({primary!r}, replicas=[{standby!r}])
+
+
+def todos(environ, start_response):
+    if environ["REQUEST_METHOD"] == "POST":
+        form = environ["wsgi.input"].read(int(environ["CONTENT_LENGTH"]))
+        title = urllib.parse.parse_qs(form.decode())["title"][0]
+        db().execute(text("INSERT INTO item (name) VALUES (:n)"), {{"n": title}})
+    titles = db().scalars(text("SELECT name FROM item WHERE name = 'milk'"))
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [" ".join(titles).encode()]
+
+
+@pytest.fixture
+def testapp():
+    yield webtest.TestApp(db.middleware(todos, commit=True))
+    db.engine.dispose()
+    db.replicas[0].dispose()
+
+
+"""
+
+
+def test_readme_replica_testing_sample_passes(
+    pair: replica_pair.Pair, pytester: pytest.Pytester
+) -> None:
+    """README, "Testing with read replicas": its test, as written, against
+    a todo application on the pair."""
+    from test_docs import readme_python_blocks
+
+    (sample,) = readme_python_blocks("Testing with read replicas")
+    urls = {
+        "primary": pair.primary.render_as_string(),
+        "standby": pair.standby.render_as_string(),
+    }
+    engine = create_engine(pair.primary)
+    with engine.begin() as connection:  # the sample's title, from an earlier run
+        connection.execute(text("DELETE FROM item WHERE name = 'milk'"))
+    engine.dispose()
+    pytester.makepyfile(test_readme=README_APP.format(**urls) + sample)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
+    result.assert_outcomes(passed=1)
 
 
 PLUGIN_CONFTEST = """
@@ -630,7 +837,7 @@ def count_round_trips(
         run("POST"), run("GET")  # connect, warm the pools
         trips = {"write": count("POST"), "read": count("GET")}
         lsn = dict(run("POST")).get(LSN_HEADER, "0/0")
-        replica_pair.wait_for_replay(pair.standby, lsn)
+        wait_for_replica(pair.primary, pair.standby)
         trips["read after write"] = count("GET", HTTP_X_WSGI_SCOPED_LSN=lsn)
         return trips
     finally:

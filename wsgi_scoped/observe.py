@@ -36,6 +36,14 @@ _WRITES = ("INSERT", "UPDATE", "DELETE", "insert", "update", "delete")
 # Kept in a tag: ASCII that neither ends the comment nor reads as a
 # placeholder to any driver (%s, %(x)s, ?, :x, :1, $1).
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-./;=&@~+, ]")
+#: The server that served a request: :attr:`RequestStats.role`.
+_Role = t.Literal["primary", "replica"]
+#: A role as the warnings say it.
+_ON: dict[_Role | None, str] = {
+    None: "",
+    "primary": " on the primary",
+    "replica": " on a replica",
+}
 
 
 class RequestStats:
@@ -45,6 +53,7 @@ class RequestStats:
     Times are in seconds; ``db_time`` is the time spent executing statements,
     ``checkout_wait`` the time spent getting a connection from the pool, and
     ``connection_held`` the time a connection was checked out by the request.
+    With read replicas, ``role`` says which server the request's session used.
 
     .. versionadded:: 0.1
     """
@@ -55,6 +64,7 @@ class RequestStats:
         "checkout_wait",
         "connection_held",
         "tag",
+        "role",
         "_pending_writes",
         "_checked_out_at",
         "_executing_since",
@@ -73,6 +83,10 @@ class RequestStats:
         self.connection_held = 0.0
         #: The SQL comment tag, if tracing is on.
         self.tag = tag
+        #: ``"primary"`` or ``"replica"``: the server of the request's session
+        #: (:class:`Database` with ``replicas``); ``None`` without replicas or
+        #: before the session's first statement.
+        self.role: _Role | None = None
         self._pending_writes = 0
         self._checked_out_at = 0.0
         self._executing_since = 0.0
@@ -81,17 +95,20 @@ class RequestStats:
 
     def server_timing(self) -> str:
         """The ``Server-Timing`` value: time in the database and the number
-        of statements, never SQL."""
-        return (
+        of statements, never SQL; and the role of the server, if known."""
+        timing = (
             f'db;dur={self.db_time * 1000:.1f};desc="{self.statements} queries",'
             f" db-wait;dur={self.checkout_wait * 1000:.1f}"
         )
+        if self.role is not None:
+            timing += f", db-role;desc={self.role}"
+        return timing
 
     def __repr__(self) -> str:
         return (
             f"<RequestStats statements={self.statements}"
             f" db_time={self.db_time:.4f} checkout_wait={self.checkout_wait:.4f}"
-            f" connection_held={self.connection_held:.4f}>"
+            f" connection_held={self.connection_held:.4f} role={self.role!r}>"
         )
 
 
@@ -110,12 +127,14 @@ class _Observer:
     ) -> None:
         engine = _engine_of(registry, "Statistics")
         self.registry = registry
+        #: The engines of a Database's replicas: the request's role.
+        self.replicas: tuple[Engine, ...] = getattr(registry, "replicas", ())
         self.commit = commit
         self.server_timing = server_timing
         self.warn_statements = warn_statements
         self.warn_db_time = warn_db_time
         self.trace = trace
-        _install(engine, registry.session_factory)
+        _install((engine, *self.replicas), registry.session_factory)
 
     def start(self, environ: WSGIEnvironment) -> RequestStats:
         tag = _tag(environ, self.trace) if self.trace else ""
@@ -143,17 +162,19 @@ class _Observer:
         if self.warn_statements is not None and stats.statements > self.warn_statements:
             _log_request(
                 logging.WARNING,
-                "%s %s ran %d SQL statements (the limit is %d): an N+1 query?",
+                "%s %s ran %d SQL statements%s (the limit is %d): an N+1 query?",
                 environ,
                 stats.statements,
+                _ON[stats.role],
                 self.warn_statements,
             )
         if self.warn_db_time is not None and stats.db_time > self.warn_db_time:
             _log_request(
                 logging.WARNING,
-                "%s %s spent %.3f s in the database (the limit is %.3f s)",
+                "%s %s spent %.3f s in the database%s (the limit is %.3f s)",
                 environ,
                 stats.db_time,
+                _ON[stats.role],
                 self.warn_db_time,
             )
 
@@ -169,10 +190,13 @@ def _tag(environ: WSGIEnvironment, trace: bool | str) -> str:
     return _UNSAFE.sub("", value)[:200]
 
 
-def _install(engine: Engine, sessions: t.Any) -> None:
-    """Listen to ``engine``, its pool and the registry's sessionmaker, once
-    each: the listeners find the request by greenlet or thread."""
-    if engine not in _observed:
+def _install(engines: t.Iterable[Engine], sessions: t.Any) -> None:
+    """Listen to the ``engines`` (a primary and its replicas), their pools
+    and the registry's sessionmaker, once each: the listeners find the
+    request by greenlet or thread."""
+    for engine in engines:
+        if engine in _observed:
+            continue
         _observed.add(engine)
         event.listen(engine, "before_cursor_execute", _before, retval=True)
         event.listen(engine, "after_cursor_execute", _after)
@@ -231,10 +255,15 @@ def _asking(session: Session, transaction: t.Any) -> None:
 
 
 def _connected(session: Session, transaction: t.Any, connection: t.Any) -> None:
+    """A session's transaction has its connection: the wait ends, and the
+    connection's engine is the request's role."""
     stats = _current.get(get_ident())
     if stats is not None and stats._asked_at:
         stats.checkout_wait += time.perf_counter() - stats._asked_at
         stats._asked_at = 0.0
+    if stats is not None and stats._observer and stats._observer.replicas:
+        replicas = stats._observer.replicas
+        stats.role = "replica" if connection.engine in replicas else "primary"
 
 
 def _checkout(dbapi_connection: t.Any, record: t.Any, proxy: t.Any) -> None:

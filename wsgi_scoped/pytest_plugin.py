@@ -1,21 +1,31 @@
 """pytest fixtures that run each test inside one database transaction, rolled
-back at teardown, for any WSGI application using wsgi_scoped; and a query
-counter. Loaded through the ``pytest11`` entry point; every fixture is opt-in.
+back at teardown, for any WSGI application using wsgi_scoped; a query
+counter; and helpers that hold a read replica back and wait for it, for tests
+of routed requests. Loaded through the ``pytest11`` entry point; every fixture
+is opt-in.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 import typing as t
 
 import pytest
+from sqlalchemy import URL
 from sqlalchemy import Connection
 from sqlalchemy import Engine
+from sqlalchemy import create_engine
 from sqlalchemy import event
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session
+from sqlalchemy.pool import NullPool
 
 from ._arguments import _engine_of
+from .replicas import _POSITION
+from .replicas import _REPLAYED
+from .replicas import _autocommit
 
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
@@ -24,6 +34,14 @@ if t.TYPE_CHECKING:
 SESSION_KEY = "wsgi_scoped.session"
 
 _SAVEPOINTS = ("SAVEPOINT ", "RELEASE SAVEPOINT ", "ROLLBACK TO SAVEPOINT ")
+#: Seconds between two looks at a replica's replay position.
+_WAIT_POLL = 0.005
+_NOT_REPLAYED = (
+    "The replica {replica} did not replay the primary's WAL up to {lsn} within"
+    " {timeout} s. Is its replay paused (paused_replica() around this call),"
+    " and is it a streaming standby of this primary?"
+)
+_Server = t.Union[Engine, URL, str, "scoped_session[t.Any]"]
 
 
 @pytest.fixture
@@ -174,3 +192,87 @@ def _emit_sqlite_begin(connection: Connection) -> t.Callable[[], None]:
         dbapi_connection.isolation_level = level
 
     return restore
+
+
+@contextlib.contextmanager
+def paused_replica(replica: Engine | URL | str) -> t.Iterator[None]:
+    """Hold a PostgreSQL streaming replica back inside the block: it still
+    receives the primary's WAL, but applies none of it
+    (``pg_wal_replay_pause()``) until the block ends
+    (``pg_wal_replay_resume()``, also when the block raises). A test sees a
+    lagging replica without sleeping.
+
+    :param replica: the replica's engine (``db.replicas[0]``) or URL.
+
+    .. code-block:: python
+
+        with paused_replica(db.replicas[0]):
+            testapp.post("/todos", {"title": "milk"})  # not on the replica yet
+
+    .. versionadded:: 0.1
+    """
+    with _engine(replica) as engine:
+        with _autocommit(engine) as connection:
+            connection.execute(text("SELECT pg_wal_replay_pause()"))
+        try:
+            yield
+        finally:
+            with _autocommit(engine) as connection:
+                connection.execute(text("SELECT pg_wal_replay_resume()"))
+
+
+def wait_for_replica(
+    primary: _Server, replica: Engine | URL | str | None = None, *, timeout: float = 10
+) -> str:
+    """Wait until ``replica`` has replayed the primary's WAL up to its
+    current position (``pg_current_wal_lsn()``): every write committed
+    before the call is then visible on the replica. Return that position.
+
+    :param primary: a :class:`~wsgi_scoped.Database`, or the primary's
+        engine or URL.
+    :param replica: the replica's engine or URL; ``None`` waits for each of
+        the Database's ``replicas``.
+    :param timeout: seconds to wait in all.
+    :raises TimeoutError: if a replica has not replayed the position in
+        time, such as one held back by :func:`paused_replica`.
+
+    .. code-block:: python
+
+        testapp.post("/todos", {"title": "milk"})
+        wait_for_replica(db)  # no sleep: the replica now has the new todo
+
+    .. versionadded:: 0.1
+    """
+    replicas = [replica] if replica is not None else getattr(primary, "replicas", ())
+    if not replicas:
+        raise TypeError(
+            f"wait_for_replica() got no replica to wait for: {primary!r} has no"
+            " 'replicas'. Pass a Database with replicas, or the replica's engine"
+            " or URL: wait_for_replica(primary, replica)."
+        )
+    with _engine(primary) as engine, _autocommit(engine) as connection:
+        lsn = str(connection.execute(_POSITION).scalar_one())
+    deadline = time.monotonic() + timeout
+    for each in replicas:
+        with _engine(each) as engine, _autocommit(engine) as connection:
+            while not connection.execute(_REPLAYED, {"lsn": lsn}).scalar():
+                if time.monotonic() > deadline:
+                    where = engine.url.render_as_string(hide_password=True)
+                    raise TimeoutError(
+                        _NOT_REPLAYED.format(replica=where, lsn=lsn, timeout=timeout)
+                    )
+                time.sleep(_WAIT_POLL)
+    return lsn
+
+
+@contextlib.contextmanager
+def _engine(server: _Server) -> t.Iterator[Engine]:
+    """The engine of ``server``; for a URL, one without a pool, for the block."""
+    if not isinstance(server, (str, URL)):
+        yield _engine_of(server, "The replica helpers")
+        return
+    engine = create_engine(server, poolclass=NullPool)
+    try:
+        yield engine
+    finally:
+        engine.dispose()

@@ -11,9 +11,12 @@ from sqlalchemy.orm import scoped_session
 from sqlalchemy.orm import sessionmaker
 
 from wsgi_scoped import Database
+from wsgi_scoped import RequestStats
 from wsgi_scoped import ScopedSessionMiddleware
 from wsgi_scoped import get_ident
 from wsgi_scoped import is_active
+from wsgi_scoped.pytest_plugin import paused_replica
+from wsgi_scoped.pytest_plugin import wait_for_replica
 
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
@@ -33,3 +36,16 @@ session: Session = db()
 one: int | None = db().execute(select(1)).scalar()
 wrapped_too: ScopedSessionMiddleware = db.middleware(app)
 active: bool = is_active({}, db)
+
+
+def role(stats: RequestStats) -> t.Literal["primary", "replica"] | None:
+    return stats.role
+
+
+def lagging(replicated: Database) -> str:
+    with paused_replica(replicated.replicas[0]):
+        pass
+    with paused_replica("postgresql+psycopg://app@replica/app"):
+        pass
+    wait_for_replica(replicated.engine, replicated.replicas[0], timeout=1.5)
+    return wait_for_replica(replicated)
