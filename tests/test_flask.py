@@ -319,3 +319,32 @@ def test_database_init_app_is_the_flask_convention(db: Database) -> None:
         assert client.post("/items").status_code == 201
     assert count_items(db.engine) == 1
     assert not db.registry.has()
+
+
+def test_another_flask_application_is_left_alone(db: Database) -> None:
+    """init_app wires one application: another one in the same process,
+    not wired, sees nothing of it in its requests' environ or ``g``, even
+    while the registry has a session."""
+    make_flask(db)
+    other = flask.Flask("other")
+    seen: dict[str, object] = {}
+
+    @other.route("/")
+    def index() -> str:
+        seen["g"] = sorted(vars(flask.g))
+        return "other"
+
+    def wsgi_app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        body = flask_wsgi_app(environ, start_response)
+        seen["environ"] = sorted(key for key in environ if "wsgi_scoped" in key)
+        return body
+
+    flask_wsgi_app = other.wsgi_app
+    other.wsgi_app = wsgi_app  # type: ignore[method-assign]
+    session = db()  # a session the other application's contexts must not claim
+    try:
+        assert other.test_client().get("/").text == "other"
+        assert seen == {"g": [], "environ": []}
+        assert db() is session
+    finally:
+        db.remove()

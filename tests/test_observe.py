@@ -21,6 +21,8 @@ from sqlalchemy import event
 from sqlalchemy import select
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import scoped_session
 from sqlalchemy.orm import sessionmaker
 
@@ -719,3 +721,114 @@ def test_db_time_warning_needs_more_than_the_limit(
     serve(wrapped, environ, StartResponseRecorder())
     assert environ["wsgi_scoped.stats"].db_time == 0
     assert caplog.records == []
+
+
+def test_a_commit_that_fails_adds_no_time_it_did_not_spend(
+    tmp_path: t.Any, environ: WSGIEnvironment, start_response: StartResponseRecorder
+) -> None:
+    """A deferred foreign key fails at COMMIT, where no statement runs: the
+    error adds nothing to the statements' time, which stays within the
+    request's duration."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'deferred.db'}")
+
+    @event.listens_for(engine, "connect")
+    def enforce_foreign_keys(dbapi_connection: t.Any, record: t.Any) -> None:
+        dbapi_connection.execute("PRAGMA foreign_keys = ON")
+
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE parent (id INTEGER PRIMARY KEY)"))
+        connection.execute(
+            text(
+                "CREATE TABLE child (parent_id INTEGER REFERENCES parent (id)"
+                " DEFERRABLE INITIALLY DEFERRED)"
+            )
+        )
+    registry = scoped_session(sessionmaker(engine))
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        registry().execute(text("INSERT INTO child VALUES (42)"))  # checked at COMMIT
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    wrapped = ScopedSessionMiddleware(app, registry, commit=True, stats=True)
+    started = time.perf_counter()
+    with pytest.raises(IntegrityError, match="FOREIGN KEY"):
+        serve(wrapped, environ, start_response)
+    elapsed = time.perf_counter() - started
+    stats = environ["wsgi_scoped.stats"]
+    assert stats.statements == 1
+    assert 0 < stats.db_time <= elapsed
+    engine.dispose()
+
+
+def test_a_session_on_two_engines_counts_each_wait_and_hold_once(
+    tmp_path: t.Any, environ: WSGIEnvironment, start_response: StartResponseRecorder
+) -> None:
+    """A session bound to two databases takes a connection from each pool
+    in one transaction: the figures cover what the request waited and held,
+    never more than the request's own duration."""
+    engines = [create_engine(f"sqlite:///{tmp_path / f'{n}.db'}") for n in "ab"]
+    registry = scoped_session(sessionmaker(engines[0]))
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        for engine in engines:
+            registry().execute(text("SELECT 1"), bind_arguments={"bind": engine})
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    wrapped = ScopedSessionMiddleware(app, registry, stats=True)
+    started = time.perf_counter()
+    serve(wrapped, environ, start_response)
+    elapsed = time.perf_counter() - started
+    stats = environ["wsgi_scoped.stats"]
+    assert 0 < stats.checkout_wait <= elapsed
+    assert 0 < stats.connection_held <= elapsed
+    for engine in engines:
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        engine.dispose()
+
+
+def test_a_connection_taken_before_the_request_adds_no_hold_time(
+    engine: Engine, environ: WSGIEnvironment, start_response: StartResponseRecorder
+) -> None:
+    """Only connections the request took count as held: one checked out
+    before it and given back during it (after the request's own, here)
+    adds nothing, and the figure stays within the request's duration."""
+    registry = scoped_session(sessionmaker(engine))
+    earlier = [engine.connect(), engine.connect()]
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        earlier[0].close()  # before the request takes one
+        registry().execute(text("SELECT 1"))
+        registry().commit()  # the request's connection is back in the pool
+        earlier[1].close()  # and after
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    wrapped = ScopedSessionMiddleware(app, registry, stats=True)
+    started = time.perf_counter()
+    serve(wrapped, environ, start_response)
+    elapsed = time.perf_counter() - started
+    stats = environ["wsgi_scoped.stats"]
+    assert 0 < stats.connection_held <= elapsed
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def test_a_request_that_cannot_connect_spent_no_time_in_statements(
+    tmp_path: t.Any, environ: WSGIEnvironment, start_response: StartResponseRecorder
+) -> None:
+    """Connecting fails before any statement runs: the error is the
+    request's, and no statement time is reported."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'no such directory' / 'x.db'}")
+    registry = scoped_session(sessionmaker(engine))
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        registry().execute(text("SELECT 1"))
+        raise AssertionError("unreachable")
+
+    wrapped = ScopedSessionMiddleware(app, registry, stats=True)
+    with pytest.raises(OperationalError, match="unable to open database file"):
+        serve(wrapped, environ, start_response)
+    stats = environ["wsgi_scoped.stats"]
+    assert (stats.statements, stats.db_time) == (0, 0.0)
+    engine.dispose()

@@ -122,6 +122,16 @@ def test_is_transient_never_for_a_shutdown() -> None:
     assert is_transient(error)
 
 
+def test_is_transient_looks_at_each_exception_of_a_cycle_once() -> None:
+    """Exceptions can name each other as cause and context (code that
+    re-raises an error it kept does that): is_transient still answers."""
+    first = ValueError("first")
+    second = RuntimeError("second")
+    first.__context__ = second
+    second.__cause__ = first
+    assert is_transient(first) is False
+
+
 def test_each_attempt_starts_from_the_original_environ(
     locked_engine: tuple[Engine, str], conflict: Conflict, environ: WSGIEnvironment
 ) -> None:

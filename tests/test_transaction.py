@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import functools
 import gc
+import importlib.util
 import io
+import os
 import sqlite3
 import sys
 import typing as t
@@ -24,6 +26,7 @@ from sqlalchemy import Engine
 from sqlalchemy import String
 from sqlalchemy import create_engine
 from sqlalchemy import event
+from sqlalchemy import make_url
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import IntegrityError
@@ -1282,3 +1285,44 @@ def test_failing_hook_without_a_qualname_is_logged_by_its_type(
     assert serve(wrapped, environ, StartResponseRecorder()) == b"ok"
     [record] = caplog.records
     assert record.getMessage() == "An after-commit hook failed: partial"
+
+
+@pytest.mark.parametrize(
+    ("driver", "module"),
+    [
+        ("pymysql", "pymysql"),
+        ("mysqlconnector", "mysql.connector"),
+        ("mariadbconnector", "mariadb"),
+    ],
+)
+def test_mysql_lock_wait_timeout_is_transient_with_each_driver(
+    driver: str, module: str
+) -> None:
+    """A real lock wait timeout (1205) on MariaDB, through each driver the
+    docs name: PyMySQL and MySQL Connector put the error number in
+    ``args[0]``, MariaDB Connector only in ``errno``."""
+    if importlib.util.find_spec(module.partition(".")[0]) is None:
+        reason = f"the {module} driver is not installed"
+        if os.environ.get("WSGI_SCOPED_REQUIRE_SERVERS"):
+            pytest.fail(f"{reason}; .ci/run installs it")
+        pytest.skip(reason)
+    url = make_url(server_url("mysql")).set(drivername=f"mysql+{driver}")
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE IF EXISTS lock_wait"))
+        connection.execute(text("CREATE TABLE lock_wait (id INT PRIMARY KEY)"))
+        connection.execute(text("INSERT INTO lock_wait VALUES (1)"))
+    try:
+        with engine.connect() as holder, engine.connect() as waiter:
+            holder.execute(text("SELECT id FROM lock_wait FOR UPDATE")).all()
+            waiter.execute(text("SET SESSION innodb_lock_wait_timeout = 1"))
+            with pytest.raises(DBAPIError) as caught:
+                waiter.execute(text("SELECT id FROM lock_wait FOR UPDATE"))
+            assert "Lock wait timeout" in str(caught.value.orig)
+            assert is_transient(caught.value)
+            waiter.rollback()
+            holder.rollback()
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text("DROP TABLE lock_wait"))
+        engine.dispose()

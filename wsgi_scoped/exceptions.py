@@ -80,10 +80,9 @@ def _loggable(value: object) -> str:
         text = text.encode("latin-1").decode("utf-8")
     if text.isprintable() and "\\" not in text:
         return text
-    return "".join(
-        char if char.isprintable() and char != "\\" else repr(char)[1:-1]
-        for char in text
-    )
+    # A printable character's repr is the character itself (quotes too,
+    # since repr quotes each alone with the other quote).
+    return "".join(repr(char)[1:-1] for char in text)
 
 
 def _log_extra(environ: WSGIEnvironment) -> dict[str, t.Any]:

@@ -65,7 +65,7 @@ class RequestStats:
         "connection_held",
         "tag",
         "role",
-        "_pending_writes",
+        "_wrote",
         "_checked_out_at",
         "_executing_since",
         "_asked_at",
@@ -87,7 +87,8 @@ class RequestStats:
         #: (:class:`Database` with ``replicas``); ``None`` without replicas or
         #: before the session's first statement.
         self.role: _Role | None = None
-        self._pending_writes = 0
+        #: A statement that writes ran in the transaction in progress.
+        self._wrote = False
         self._checked_out_at = 0.0
         self._executing_since = 0.0
         self._asked_at = 0.0
@@ -149,7 +150,7 @@ class _Observer:
         """Warn about work that closing the session is about to roll back."""
         if self.commit:
             return  # rolled back on purpose: the request failed or was vetoed
-        if session.new or session.dirty or session.deleted or stats._pending_writes:
+        if session.new or session.dirty or session.deleted or stats._wrote:
             _log_request(
                 logging.WARNING,
                 "Uncommitted changes rolled back at the end of %s %s: commit them"
@@ -223,7 +224,7 @@ def _before(
     if stats is not None:
         stats.statements += 1
         if statement.startswith(_WRITES):
-            stats._pending_writes += 1
+            stats._wrote = True
         stats._executing_since = time.perf_counter()
         if stats.tag:  # only when this request's middleware traces
             statement = f"{statement} /* {stats.tag} */"
@@ -244,7 +245,7 @@ def _error(context: t.Any) -> None:
 def _transaction_ended(conn: t.Any) -> None:
     stats = _current.get(get_ident())
     if stats is not None:
-        stats._pending_writes = 0
+        stats._wrote = False
 
 
 def _asking(session: Session, transaction: t.Any) -> None:
