@@ -487,6 +487,61 @@ def test_nested_different_registries_each_ended(
     assert not registry.registry.has() and not other.registry.has()
 
 
+@pytest.mark.parametrize("body_kind", ["list", "generator", "failing close"])
+def test_an_outer_layer_stays_active_until_its_own_end(
+    registry: Registry,
+    engine: Engine,
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+    body_kind: str,
+) -> None:
+    """Two layers on two registries, with a middleware of the user's in
+    between: once the inner layer has ended its session, the outer one
+    still manages its own until the outer body ends."""
+    other = scoped_session(sessionmaker(engine))
+    answers: list[tuple[bool, bool]] = []
+
+    def chunks() -> t.Iterator[bytes]:
+        yield b"body"
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        start_response("200 OK", [])
+        if body_kind == "list":
+            return [b"body"]
+        body = ClosingIterable(chunks)
+        if body_kind == "failing close":
+            body.close = lambda: 1 / 0  # type: ignore[method-assign]
+        return body
+
+    def between(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        body = inner(environ, start_response)
+
+        def after_the_inner_layer() -> t.Iterator[bytes]:
+            try:
+                yield from body
+            finally:
+                try:
+                    getattr(body, "close", lambda: None)()
+                finally:
+                    answers.append(
+                        (is_active(environ, registry), is_active(environ, other))
+                    )
+
+        return after_the_inner_layer()
+
+    inner = ScopedSessionMiddleware(app, other)
+    outer = ScopedSessionMiddleware(between, registry)
+    served = outer(environ, start_response)
+    if body_kind == "failing close":
+        with pytest.raises(ZeroDivisionError):
+            list(served)  # the inner body ends, and its close() fails
+    else:
+        assert list(served) == [b"body"]
+    served.close()  # type: ignore[attr-defined]
+    assert answers == [(True, False)]
+    assert not is_active(environ)
+
+
 def test_is_active_only_inside_managed_request(
     registry: Registry,
     engine: Engine,
