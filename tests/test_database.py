@@ -264,9 +264,14 @@ BACKEND_PID = {
 @pytest.mark.parametrize(
     "held", [pytest.param(False, id="pool idle"), pytest.param(True, id="session open")]
 )
-def test_forked_child_never_uses_parent_connections(backend: str, held: bool) -> None:
-    """gunicorn --preload: the child gets connections of its own, and the
-    parent's (pooled, or held by an open session) keep working afterwards."""
+@pytest.mark.parametrize("first", ["session", "engine"])
+def test_forked_child_never_uses_parent_connections(
+    backend: str, held: bool, first: str
+) -> None:
+    """gunicorn --preload: the child gets connections of its own, whether
+    it first uses a session or the engine itself (os.fork's at-fork hook
+    has replaced the pool), and the parent's (pooled, or held by an open
+    session) keep working afterwards."""
     db = Database(server_url(backend))
     query = text(BACKEND_PID[backend])
     with db.engine.connect() as connection:
@@ -275,10 +280,13 @@ def test_forked_child_never_uses_parent_connections(backend: str, held: bool) ->
         held_pid = db().execute(query).scalar_one()  # the transaction stays open
 
     def child() -> object:
+        if first == "engine":
+            with db.engine.connect() as connection:
+                engine_pid = connection.execute(query).scalar_one()
         pid = db().execute(query).scalar_one()
         db.remove()
         gc.collect()  # the parent's connections, now unreferenced, are collected
-        return pid
+        return engine_pid if first == "engine" else pid
 
     child_pid = in_child(child)
     assert child_pid not in (pooled_pid, held_pid if held else None)
