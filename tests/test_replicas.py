@@ -49,13 +49,7 @@ REPLAY_CHECK = "pg_last_wal_replay_lsn() >="
 
 @pytest.fixture(scope="module")
 def pair() -> t.Iterator[replica_pair.Pair]:
-    reason = replica_pair.unusable_reason()
-    if reason is not None:
-        reason = f"read replicas need a primary + standby pair: {reason}"
-        if os.environ.get("WSGI_SCOPED_REQUIRE_SERVERS"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    with replica_pair.run_pair() as running:
+    with replica_pair.pair_or_skip() as running:
         yield running
 
 

@@ -23,6 +23,7 @@ from ._arguments import _check_observing
 from ._arguments import _check_options
 from ._arguments import _describe
 from ._arguments import _engine_of
+from .exceptions import PrimaryUnavailableError
 from .exceptions import WsgiScopedWarning
 from .exceptions import _log_failure
 from .observe import STATS_KEY
@@ -65,11 +66,8 @@ _UNUSABLE = (
 )
 #: The answer to a request that found the connection pool exhausted.
 _EXHAUSTED = b"Service Unavailable: no database connection is free. Retry later.\n"
-_EXHAUSTED_HEADERS = [
-    ("Content-Type", "text/plain; charset=utf-8"),
-    ("Content-Length", str(len(_EXHAUSTED))),
-    ("Retry-After", "1"),
-]
+#: The answer to a request that needed an unreachable primary.
+_PRIMARY_DOWN = b"Service Unavailable: the database primary cannot be reached.\n"
 
 _STALE = (
     "A session was still registered for this thread or greenlet when a request"
@@ -256,7 +254,7 @@ class ScopedSessionMiddleware:
             materialized = _is_materialized(body, environ, self.app)
         except BaseException as error:
             _end_quietly(registry, environ, outer)
-            if _pool_exhausted(error):
+            if _unavailable_error(error):
                 return _unavailable(registry, environ, start_response)
             raise
         if materialized:
@@ -306,7 +304,7 @@ class ScopedSessionMiddleware:
                 ):
                     if replay is not None:
                         replay.close()
-                    if not response.released and _pool_exhausted(error):
+                    if not response.released and _unavailable_error(error):
                         return _unavailable(self.registry, environ, start_response)
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
@@ -432,9 +430,10 @@ def _is_materialized(
     return environ.get(_RENDERED) is body
 
 
-def _pool_exhausted(error: BaseException) -> bool:
-    """SQLAlchemy's "QueuePool limit ... reached, connection timed out"."""
-    return isinstance(error, PoolTimeout)
+def _unavailable_error(error: BaseException) -> bool:
+    """SQLAlchemy's "QueuePool limit ... reached, connection timed out", or
+    a replicated Database's primary that cannot be reached: worth a 503."""
+    return isinstance(error, (PoolTimeout, PrimaryUnavailableError))
 
 
 def _unavailable(
@@ -443,14 +442,23 @@ def _unavailable(
     start_response: StartResponse,
 ) -> list[bytes]:
     """Answer 503 with Retry-After to a request that found the pool
-    exhausted, and log it with the pool's figures."""
-    try:
-        figures = _engine_of(registry, "").pool.status()
-    except TypeError:
-        figures = "the registry is not bound to one engine"
-    _log_failure(f"Getting a pooled connection ({figures})", environ)
-    start_response("503 Service Unavailable", _EXHAUSTED_HEADERS, sys.exc_info())
-    return [_EXHAUSTED]
+    exhausted, logged with the pool's figures, or the primary unreachable."""
+    if isinstance(sys.exc_info()[1], PrimaryUnavailableError):
+        what, body = "Connecting to the primary", _PRIMARY_DOWN
+    else:
+        try:
+            figures = _engine_of(registry, "").pool.status()
+        except TypeError:
+            figures = "the registry is not bound to one engine"
+        what, body = f"Getting a pooled connection ({figures})", _EXHAUSTED
+    _log_failure(what, environ)
+    headers = [
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Content-Length", str(len(body))),
+        ("Retry-After", "1"),
+    ]
+    start_response("503 Service Unavailable", headers, sys.exc_info())
+    return [body]
 
 
 def _end_materialized(

@@ -16,6 +16,7 @@ from sqlalchemy.orm import scoped_session
 from sqlalchemy.orm import sessionmaker
 
 from .exceptions import AbortedTransactionError
+from .exceptions import ReplicaWriteError
 from .exceptions import _log_failure
 from .exceptions import _parameters_hidden
 from .exceptions import logger
@@ -300,7 +301,10 @@ def is_transient(error: BaseException) -> bool:
     MySQL Connector, MariaDB Connector), SQLite's "database is locked", or a
     connection lost while a statement ran (the server rolled the transaction
     back). A connection lost during ``COMMIT`` is not: whether that commit
-    happened is unknown.
+    happened is unknown. A standby's recovery conflict ("canceling statement
+    due to conflict with recovery") is a ``40001`` or ``40P01`` too. A
+    :class:`ReplicaWriteError` is transient as well: the middleware sends
+    the retried attempt to the primary.
     Exceptions raised *from* such an error, or while one was handled, count
     too; ``SystemExit``, ``KeyboardInterrupt``, ``GeneratorExit`` and other
     exceptions that are not :class:`Exception` never do.
@@ -316,6 +320,8 @@ def is_transient(error: BaseException) -> bool:
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
+        if isinstance(current, ReplicaWriteError):
+            return True
         if isinstance(current, DBAPIError) and _lost_before_commit(current):
             return True
         orig = current.orig if isinstance(current, DBAPIError) else current
