@@ -20,6 +20,7 @@ from conftest import StartResponseRecorder
 from conftest import serve
 from proxy import Proxy
 from sqlalchemy import text
+from sqlalchemy.exc import ProgrammingError
 from support import free_port
 
 from wsgi_scoped import Database
@@ -501,3 +502,32 @@ def test_a_write_on_a_replica_engine_outside_requests_names_the_fix(
         with db.replicas[0].connect() as connection:
             with pytest.raises(ReplicaWriteError, match="SQLSTATE 25006"):
                 connection.execute(text("INSERT INTO item (name) VALUES ('x')"))
+
+
+def test_with_the_primary_down_the_lag_limit_is_suspended(
+    pair: replica_pair.Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica over the limit serves no reads, until the primary stops:
+    then it serves them, behind or not."""
+    monkeypatch.setattr(_servers, "LAG_INTERVAL", 0)
+    with database(pair.primary, pair.standby, replica_max_lag=1) as db:
+        served = Served()
+        app = db.middleware(reporting_app(db, served), commit=True)
+        with replica_pair.paused_replay(pair.standby):
+            assert call(app, "POST")[0] == "200 OK"
+            call(app, "GET")
+            assert served.replica == [False, False]
+            with stopped(pair, "primary"):
+                assert call(app, "GET")[0] == "200 OK"
+                assert served.replica[-1] is True
+
+
+def test_other_errors_on_the_primary_are_unchanged(pair: replica_pair.Pair) -> None:
+    with database(pair.primary, pair.standby) as db:
+
+        def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+            db().execute(text("SELECT * FROM no_such_table"))
+            raise AssertionError("unreachable")
+
+        with pytest.raises(ProgrammingError, match="no_such_table"):
+            call(db.middleware(app, commit=True), "POST")

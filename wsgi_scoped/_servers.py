@@ -124,8 +124,11 @@ def _within_lag(
 ) -> list[_Server]:
     """The ``replicas`` no more than ``limit`` bytes behind the primary, as
     measured at most :data:`LAG_INTERVAL` seconds ago (a replica never
-    measured, the primary being down, is kept: reads are still served)."""
+    measured is kept). While the primary is down, all of them: reads are
+    still served."""
     _measure(primary, replicas, now)
+    if not primary.up(time.monotonic()):
+        return replicas
     return [
         each
         for each in replicas

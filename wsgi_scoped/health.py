@@ -22,6 +22,7 @@ from sqlalchemy.orm import scoped_session
 from ._arguments import _engine_of
 from ._servers import _measure
 from ._servers import _report
+from ._servers import _Server
 from ._sockets import SOCKET_DRIVERS
 from ._sockets import _fileno
 
@@ -142,7 +143,7 @@ class HealthCheck:
         self.engine = _engine_of(database, "Health checks")
         #: A replicated Database's servers: primary first, then replicas.
         router = getattr(database, "_router", None)
-        self._servers: list[t.Any] = router.servers if router is not None else []
+        self._servers: list[_Server] = router.servers if router is not None else []
         # A Database notices a fork that ran no at-fork hook (uWSGI), so
         # that the check never uses a connection of the parent's pool.
         self._check_fork: t.Callable[[], None] = getattr(

@@ -131,9 +131,10 @@ class _Router:
         wrapped so that a response to a write carries the WAL position."""
         safe = environ.get("REQUEST_METHOD") in SAFE_METHODS
         # The retried attempt of a write a replica refused goes to the primary.
-        rerun = self._refused.get() and environ.get(_ATTEMPT, 1) > 1
-        if self._refused.get():
+        refused = self._refused.get()
+        if refused:
             self._refused.set(False)
+        rerun = refused and environ.get(_ATTEMPT, 1) > 1
         route = _Route(_token(environ) if safe else None, not safe or rerun)
         self._current.set(route)
 
