@@ -6,6 +6,7 @@ these tests start (``tests/replica_pair.py``) and hold back with
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import http.client
 import json
 import logging
@@ -684,15 +685,12 @@ def write_then_read(port: int) -> tuple[bool, bool, bool]:
     return not wrote["replica"], read["replica"], read["found"]
 
 
-@pytest.mark.server
-@pytest.mark.parametrize("worker", ["gthread", "gevent"])
-def test_concurrent_writers_read_their_writes_under_gunicorn(
-    pair: replica_pair.Pair, tmp_path: Path, worker: str
-) -> None:
-    """Concurrent write-then-read clients under a real server: every write on
-    the primary, every read finds its write (0 stale), requests interleaved
-    in one worker never share a role, and no connection is left open in a
-    transaction."""
+@contextlib.contextmanager
+def replica_app_server(
+    pair: replica_pair.Pair, tmp_path: Path, worker: str, **environ: str
+) -> t.Iterator[int]:
+    """``tests/replica_app.py`` under gunicorn (2 workers of ``worker``),
+    ready to answer; its port. ``environ`` is added to its environment."""
     pytest.importorskip("gunicorn", reason="gunicorn is not installed")
     if worker == "gevent":
         pytest.importorskip("gevent", reason="gevent is not installed")
@@ -705,6 +703,7 @@ def test_concurrent_writers_read_their_writes_under_gunicorn(
         "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.getcwd()]),
         "REPLICA_APP_PRIMARY": pair.primary.render_as_string(),
         "REPLICA_APP_STANDBY": pair.standby.render_as_string(),
+        **environ,
     }
     log = tmp_path / "gunicorn.log"
     with running(command, cwd=tmp_path, env=env, log=log) as proc:
@@ -717,6 +716,19 @@ def test_concurrent_writers_read_their_writes_under_gunicorn(
                 assert proc.poll() is None, log.read_text()
                 assert time.monotonic() < deadline, log.read_text()
                 time.sleep(0.1)
+        yield port
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("worker", ["gthread", "gevent"])
+def test_concurrent_writers_read_their_writes_under_gunicorn(
+    pair: replica_pair.Pair, tmp_path: Path, worker: str
+) -> None:
+    """Concurrent write-then-read clients under a real server: every write on
+    the primary, every read finds its write (0 stale), requests interleaved
+    in one worker never share a role, and no connection is left open in a
+    transaction."""
+    with replica_app_server(pair, tmp_path, worker) as port:
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             results = list(pool.map(lambda _: write_then_read(port), range(200)))
         assert all(primary for primary, _, _ in results)
