@@ -7,7 +7,6 @@ the servers."""
 from __future__ import annotations
 
 import functools
-import logging
 import time
 import typing as t
 
@@ -15,8 +14,7 @@ from sqlalchemy import Connection
 from sqlalchemy import Engine
 from sqlalchemy import text
 
-#: The logger of servers taken out.
-logger = logging.getLogger("wsgi_scoped.replicas")
+from .exceptions import logger
 
 #: Seconds between two measurements of a replica's lag, per process.
 LAG_INTERVAL = 1.0
@@ -45,7 +43,8 @@ class _Server:
 
     def failed(self, error: BaseException) -> None:
         """A connection to the server failed: take it out for ``down_for``
-        seconds; say so once per outage, since nobody else will."""
+        seconds; say so as it goes out (not again while it is out), since
+        nobody else will."""
         now = time.monotonic()
         if self.up(now):
             url = self.engine.url.render_as_string(hide_password=True)
