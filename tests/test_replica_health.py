@@ -23,8 +23,8 @@ from proxy import Proxy
 from sqlalchemy import text
 from sqlalchemy.exc import ProgrammingError
 from support import free_port
-from test_replicas import http_call
-from test_replicas import replica_app_server
+from support import http_call
+from support import replica_app_server
 
 from wsgi_scoped import Database
 from wsgi_scoped import HealthCheck
