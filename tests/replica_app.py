@@ -1,6 +1,7 @@
 """The WSGI application that ``tests/test_replicas.py`` runs under gunicorn:
 a ``Database`` with one replica, from ``REPLICA_APP_PRIMARY`` and
-``REPLICA_APP_STANDBY``; ``commit=True``.
+``REPLICA_APP_STANDBY`` (``REPLICA_APP_DOWN_FOR``: its ``replica_down_for``);
+``commit=True``.
 
 ``POST /?name=N`` inserts a row; ``GET /?name=N`` looks for it. Both answer
 ``{"replica": <served by the standby>, "found": <the row is visible>}``.
@@ -24,6 +25,7 @@ if t.TYPE_CHECKING:
 db = Database(
     os.environ["REPLICA_APP_PRIMARY"],
     replicas=[os.environ["REPLICA_APP_STANDBY"]],
+    replica_down_for=float(os.environ.get("REPLICA_APP_DOWN_FOR", "5")),
     connect_args={"application_name": "wsgi_scoped_replica_app"},
 )
 

@@ -18,6 +18,7 @@ import tempfile
 import typing as t
 from pathlib import Path
 
+import pytest
 from sqlalchemy import URL
 from sqlalchemy import Engine
 from sqlalchemy import create_engine
@@ -170,9 +171,35 @@ def run_pair() -> t.Iterator[Pair]:
 
 
 @contextlib.contextmanager
+def pair_or_skip() -> t.Iterator[Pair]:
+    """:func:`run_pair` for a fixture: skip the test if the pair cannot run
+    here, or fail it under ``WSGI_SCOPED_REQUIRE_SERVERS``."""
+    reason = unusable_reason()
+    if reason is not None:
+        reason = f"read replicas need a primary + standby pair: {reason}"
+        if os.environ.get("WSGI_SCOPED_REQUIRE_SERVERS"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    with run_pair() as running:
+        yield running
+
+
+@contextlib.contextmanager
 def _engine(url: URL) -> t.Iterator[Engine]:
     engine = create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 5})
     try:
         yield engine
     finally:
         engine.dispose()
+
+
+def stop(pair: Pair, server: t.Literal["primary", "standby"]) -> None:
+    """Stop one server of the pair at once (``pg_ctl stop -m immediate``):
+    its connections drop, and new ones are refused."""
+    _run(["pg_ctl", "-D", server, "-m", "immediate", "-w", "stop"], pair.directory)
+
+
+def start(pair: Pair, server: t.Literal["primary", "standby"]) -> None:
+    """Start a server that :func:`stop` stopped, on its port again."""
+    url = pair.primary if server == "primary" else pair.standby
+    _start(pair.directory, server, t.cast(int, url.port))

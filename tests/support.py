@@ -1,9 +1,11 @@
 """Helpers shared by the example tests: importing ``examples/*.py``, a
-checking WebTest client, and running an example under a real server."""
+checking WebTest client, and running an example (or ``replica_app.py``)
+under a real server."""
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import importlib.util
 import json
 import os
@@ -230,3 +232,51 @@ def in_child(work: t.Callable[[], object]) -> t.Any:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, "the child failed; see stderr"
     return json.loads(output)
+
+
+def http_call(
+    port: int, method: str, path: str, headers: dict[str, str] | None = None
+) -> tuple[dict[str, t.Any], dict[str, str]]:
+    """One request on a new connection: the JSON body and the headers."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    try:
+        connection.request(method, path, headers=headers or {})
+        response = connection.getresponse()
+        assert response.status == 200, response.read()
+        return json.loads(response.read()), dict(response.getheaders())
+    finally:
+        connection.close()
+
+
+@contextlib.contextmanager
+def replica_app_server(
+    pair: t.Any, tmp_path: Path, worker: str, **environ: str
+) -> t.Iterator[int]:
+    """``tests/replica_app.py`` under gunicorn (2 workers of ``worker``),
+    ready to answer; its port. ``environ`` is added to its environment."""
+    pytest.importorskip("gunicorn", reason="gunicorn is not installed")
+    if worker == "gevent":
+        pytest.importorskip("gevent", reason="gevent is not installed")
+    port = free_port()
+    command = [sys.executable, "-m", "gunicorn", "-k", worker, "-w", "2"]
+    command += ["--threads", "8"] if worker == "gthread" else []
+    command += ["-b", f"127.0.0.1:{port}", "--graceful-timeout", "5", "replica_app:app"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.getcwd()]),
+        "REPLICA_APP_PRIMARY": pair.primary.render_as_string(),
+        "REPLICA_APP_STANDBY": pair.standby.render_as_string(),
+        **environ,
+    }
+    log = tmp_path / "gunicorn.log"
+    with running(command, cwd=tmp_path, env=env, log=log) as proc:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                http_call(port, "GET", "/")
+                break
+            except OSError:
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+        yield port

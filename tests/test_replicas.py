@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import http.client
-import json
 import logging
 import os
 import re
-import sys
 import threading
 import time
 import typing as t
@@ -28,9 +25,9 @@ from sqlalchemy import event
 from sqlalchemy import text
 from sqlalchemy.exc import ProgrammingError
 from support import CheckedTestApp
-from support import free_port
+from support import http_call
 from support import in_child
-from support import running
+from support import replica_app_server
 
 from wsgi_scoped import Database
 from wsgi_scoped import ReplicaWriteError
@@ -54,13 +51,7 @@ REPLAY_CHECK = "pg_last_wal_replay_lsn() >="
 
 @pytest.fixture(scope="module")
 def pair() -> t.Iterator[replica_pair.Pair]:
-    reason = replica_pair.unusable_reason()
-    if reason is not None:
-        reason = f"read replicas need a primary + standby pair: {reason}"
-        if os.environ.get("WSGI_SCOPED_REQUIRE_SERVERS"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    with replica_pair.run_pair() as running:
+    with replica_pair.pair_or_skip() as running:
         yield running
 
 
@@ -872,20 +863,6 @@ def test_a_write_costs_one_round_trip_and_a_position_check_one(
     }
 
 
-def http_call(
-    port: int, method: str, path: str, headers: dict[str, str] | None = None
-) -> tuple[dict[str, t.Any], dict[str, str]]:
-    """One request on a new connection: the JSON body and the headers."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
-    try:
-        connection.request(method, path, headers=headers or {})
-        response = connection.getresponse()
-        assert response.status == 200, response.read()
-        return json.loads(response.read()), dict(response.getheaders())
-    finally:
-        connection.close()
-
-
 def write_then_read(port: int) -> tuple[bool, bool, bool]:
     """A client's write, then its read with the position it was given:
     (write on the primary, read on a replica, read found the write)."""
@@ -906,30 +883,7 @@ def test_concurrent_writers_read_their_writes_under_gunicorn(
     the primary, every read finds its write (0 stale), requests interleaved
     in one worker never share a role, and no connection is left open in a
     transaction."""
-    pytest.importorskip("gunicorn", reason="gunicorn is not installed")
-    if worker == "gevent":
-        pytest.importorskip("gevent", reason="gevent is not installed")
-    port = free_port()
-    command = [sys.executable, "-m", "gunicorn", "-k", worker, "-w", "2"]
-    command += ["--threads", "8"] if worker == "gthread" else []
-    command += ["-b", f"127.0.0.1:{port}", "--graceful-timeout", "5", "replica_app:app"]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.getcwd()]),
-        "REPLICA_APP_PRIMARY": pair.primary.render_as_string(),
-        "REPLICA_APP_STANDBY": pair.standby.render_as_string(),
-    }
-    log = tmp_path / "gunicorn.log"
-    with running(command, cwd=tmp_path, env=env, log=log) as proc:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                http_call(port, "GET", "/")
-                break
-            except OSError:
-                assert proc.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.1)
+    with replica_app_server(pair, tmp_path, worker) as port:
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             results = list(pool.map(lambda _: write_then_read(port), range(200)))
         assert all(primary for primary, _, _ in results)

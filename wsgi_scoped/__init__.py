@@ -4,6 +4,7 @@ from .database import SQLITE_BUSY_TIMEOUT as SQLITE_BUSY_TIMEOUT
 from .database import Database as Database
 from .exceptions import AbortedTransactionError as AbortedTransactionError
 from .exceptions import DeadlineExceededError as DeadlineExceededError
+from .exceptions import PrimaryUnavailableError as PrimaryUnavailableError
 from .exceptions import ReplicaWriteError as ReplicaWriteError
 from .exceptions import WsgiScopedError as WsgiScopedError
 from .exceptions import WsgiScopedWarning as WsgiScopedWarning
@@ -23,6 +24,7 @@ __all__ = [
     "Database",
     "DeadlineExceededError",
     "HealthCheck",
+    "PrimaryUnavailableError",
     "ReplicaWriteError",
     "RequestStats",
     "SQLITE_BUSY_TIMEOUT",

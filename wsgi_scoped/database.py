@@ -25,6 +25,7 @@ from sqlalchemy.orm import scoped_session
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import QueuePool
 
+from ._arguments import _require_count
 from ._arguments import _require_seconds
 from ._sockets import SOCKET_DRIVERS
 from ._sockets import _closed_while_idle
@@ -81,13 +82,20 @@ class Database(scoped_session[Session]):
         primary for other methods or after :meth:`use_primary`; a response
         to a committed write carries the primary's WAL position, and a
         request that sends it back reads a replica only once the replica
-        has replayed it (README: Read replicas).
+        has replayed it. A server whose connections fail is left out for
+        ``replica_down_for`` seconds; with every replica out, reads use the
+        primary; with the primary out, writes answer 503 (README: Read
+        replicas).
 
     :param url: the database URL; ``None`` reads ``DATABASE_URL``.
     :param replicas: URLs of streaming replicas of ``url``; each gets an
         engine with the same options as the primary's.
     :param replica_wait: seconds a request that sent back a WAL position
         waits for a replica to replay it before it uses the primary.
+    :param replica_down_for: seconds a server whose connection failed is
+        left out of routing in this process, before a request tries it again.
+    :param replica_max_lag: bytes of WAL a replica may be behind the primary
+        and still serve reads; ``None``, no limit (and no measurement).
     :param scopefunc: the key of the current scope; ``None`` means the
         current greenlet, else thread (as :func:`get_ident`), held weakly.
     :param options: session options (the keyword arguments of
@@ -97,7 +105,7 @@ class Database(scoped_session[Session]):
     :raises TypeError: if there is no URL, or an option is not one of
         ``Session``'s or ``create_engine()``'s.
     :raises ValueError: if ``replicas`` are given for a database other
-        than PostgreSQL.
+        than PostgreSQL, or a ``replica_*`` option is out of range.
 
     .. code-block:: python
 
@@ -120,6 +128,8 @@ class Database(scoped_session[Session]):
         *,
         replicas: t.Iterable[str | URL] | None = None,
         replica_wait: float = 0.02,
+        replica_down_for: float = 5.0,
+        replica_max_lag: int | None = None,
         scopefunc: t.Callable[[], t.Hashable] | None = None,
         **options: t.Any,
     ) -> None:
@@ -131,11 +141,20 @@ class Database(scoped_session[Session]):
         replica_urls = _replica_urls(url, replicas)
         session_options = {k: options.pop(k) for k in _SESSION_OPTIONS & set(options)}
         _require_seconds("replica_wait", replica_wait)
+        _require_seconds("replica_down_for", replica_down_for)
+        if replica_max_lag is not None:
+            _require_count("replica_max_lag", replica_max_lag, " (bytes) or None")
         self.engine, self._keeper = _create_engine(url, options)
         self.replicas = tuple(_create_engine(each, options)[0] for each in replica_urls)
         self._router: _Router | None = None
         if self.replicas:
-            self._router = _Router(self.engine, self.replicas, replica_wait)
+            self._router = _Router(
+                self.engine,
+                self.replicas,
+                wait=replica_wait,
+                down_for=replica_down_for,
+                max_lag=replica_max_lag,
+            )
             session_options["class_"] = _routed_class(
                 session_options.get("class_", Session), self._router
             )

@@ -70,6 +70,16 @@ class DeadlineExceededError(WsgiScopedError):
     """
 
 
+class PrimaryUnavailableError(WsgiScopedError):
+    """A request of a :class:`Database` with ``replicas`` needed the primary
+    (a write, or a read when no replica can serve it) and could not connect
+    to it. The middleware answers ``503 Service Unavailable`` with
+    ``Retry-After``; the driver's error is the ``__cause__``.
+
+    .. versionadded:: 0.1
+    """
+
+
 def _loggable(value: object) -> str:
     """``value``, from the request, as text that cannot start a log line or
     control a terminal: UTF-8 bytes are decoded, and line breaks, control

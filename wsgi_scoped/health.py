@@ -20,6 +20,9 @@ from sqlalchemy import text
 from sqlalchemy.orm import scoped_session
 
 from ._arguments import _engine_of
+from ._servers import _measure
+from ._servers import _report
+from ._servers import _Server
 from ._sockets import SOCKET_DRIVERS
 from ._sockets import _fileno
 
@@ -109,6 +112,11 @@ class HealthCheck:
     attempts are bounded too (psycopg, psycopg2, PyMySQL). The JSON body
     names the error's class only; the error itself is logged.
 
+    For a :class:`Database` with ``replicas`` the primary decides the
+    status; ``"replicas"`` lists each replica's URL, whether it is up (as
+    this process routes) and its replay lag in bytes, measured in the check
+    thread at most once a second (within ``timeout``).
+
     .. code-block:: json
 
         {"status": "ok", "database": {"ok": true, "seconds": 0.0012,
@@ -133,6 +141,9 @@ class HealthCheck:
         self, database: Engine | scoped_session[t.Any], *, timeout: float = 2.0
     ) -> None:
         self.engine = _engine_of(database, "Health checks")
+        #: A replicated Database's servers: primary first, then replicas.
+        router = getattr(database, "_router", None)
+        self._servers: list[_Server] = router.servers if router is not None else []
         # A Database notices a fork that ran no at-fork hook (uWSGI), so
         # that the check never uses a connection of the parent's pool.
         self._check_fork: t.Callable[[], None] = getattr(
@@ -153,8 +164,9 @@ class HealthCheck:
         # read_timeout.
         if self.engine.dialect.driver in SOCKET_DRIVERS:
             self._connect_timeout = max(2, math.ceil(timeout))
-            if not event.contains(self.engine, "do_connect", _limit_connect_time):
-                event.listen(self.engine, "do_connect", _limit_connect_time)
+            for server in (self.engine, *[each.engine for each in self._servers]):
+                if not event.contains(server, "do_connect", _limit_connect_time):
+                    event.listen(server, "do_connect", _limit_connect_time)
 
     def __call__(
         self, environ: WSGIEnvironment, start_response: StartResponse
@@ -163,11 +175,13 @@ class HealthCheck:
             start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
             return [b""]
         database = self._check()
-        report = {
+        report: dict[str, t.Any] = {
             "status": "ok" if database["ok"] else "unavailable",
             "database": database,
             "pool": self._pool(),
         }
+        if self._servers:
+            report["replicas"] = _report(self._servers[1:], time.monotonic())
         body = json.dumps(report).encode()
         status = "200 OK" if database["ok"] else "503 Service Unavailable"
         start_response(
@@ -223,7 +237,20 @@ class HealthCheck:
             finally:
                 if check.detach():  # a socket we shut down is not pooled again
                     connection.invalidate()
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        if self._servers:
+            self._measure_replicas()
+        return seconds
+
+    def _measure_replicas(self) -> None:
+        """The lag of the replicas that are up, measured at most once a
+        second; a failure is the replica's, and never fails the check."""
+        now = time.monotonic()
+        replicas = [each for each in self._servers[1:] if each.up(now)]
+        try:
+            _measure(self._servers[0], replicas, now)
+        except Exception:
+            logger.warning("Measuring the replicas' lag failed", exc_info=True)
 
     def _pool(self) -> dict[str, t.Any]:
         pool = self.engine.pool

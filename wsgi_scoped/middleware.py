@@ -25,6 +25,7 @@ from ._arguments import _describe
 from ._arguments import _engine_of
 from .deadline import _Deadline
 from .deadline import _finished as _deadline_finished
+from .exceptions import PrimaryUnavailableError
 from .exceptions import WsgiScopedWarning
 from .exceptions import _log_failure
 from .observe import STATS_KEY
@@ -70,6 +71,8 @@ _UNUSABLE = (
 #: to one that ran out of time (``deadline``): 503 with Retry-After.
 _EXHAUSTED = b"Service Unavailable: no database connection is free. Retry later.\n"
 _OUT_OF_TIME = b"Service Unavailable: the request ran out of time. Retry later.\n"
+#: The answer to a request that needed an unreachable primary.
+_PRIMARY_DOWN = b"Service Unavailable: the database primary cannot be reached.\n"
 
 _STALE = (
     "A session was still registered for this thread or greenlet when a request"
@@ -332,8 +335,9 @@ class ScopedSessionMiddleware:
 
     def _unavailable(self, error: BaseException) -> bool:
         """Whether ``error`` is answered 503 (if nothing was sent yet): the
-        pool was exhausted, or, with a deadline, the request ran out of time."""
-        if isinstance(error, PoolTimeout):
+        pool was exhausted, a replicated Database's primary cannot be
+        reached, or, with a deadline, the request ran out of time."""
+        if isinstance(error, (PoolTimeout, PrimaryUnavailableError)):
             return True
         return self._deadline is not None and _out_of_time(error)
 
@@ -465,13 +469,16 @@ def _answer_unavailable(
     error: BaseException,
 ) -> list[bytes]:
     """Answer 503 with Retry-After to a request that found the pool
-    exhausted (logged with the pool's figures) or ran out of time."""
+    exhausted (logged with the pool's figures), the primary unreachable, or
+    ran out of time."""
     if isinstance(error, PoolTimeout):
         try:
             figures = _engine_of(registry, "").pool.status()
         except TypeError:
             figures = "the registry is not bound to one engine"
         what, body = f"Getting a pooled connection ({figures})", _EXHAUSTED
+    elif isinstance(error, PrimaryUnavailableError):
+        what, body = "Connecting to the primary", _PRIMARY_DOWN
     else:
         what, body = "Finishing the request before its deadline", _OUT_OF_TIME
     _log_failure(what, environ)

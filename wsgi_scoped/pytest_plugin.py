@@ -23,9 +23,9 @@ from sqlalchemy.orm import scoped_session
 from sqlalchemy.pool import NullPool
 
 from ._arguments import _engine_of
+from ._servers import _autocommit
 from .replicas import _POSITION
 from .replicas import _REPLAYED
-from .replicas import _autocommit
 
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication

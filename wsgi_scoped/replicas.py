@@ -10,6 +10,7 @@ attempt) starts, and ``_request_finished()`` as its session is ended.
 from __future__ import annotations
 
 import contextvars
+import functools
 import random
 import re
 import time
@@ -21,9 +22,14 @@ from sqlalchemy import event
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from ._servers import _autocommit
+from ._servers import _Server
+from ._servers import _within_lag
+from .exceptions import PrimaryUnavailableError
 from .exceptions import ReplicaWriteError
 from .exceptions import WsgiScopedError
 from .exceptions import _log_failure
+from .middleware import _ATTEMPT
 
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
@@ -58,6 +64,10 @@ _WRITE_ON_REPLICA = (
     " OPTIONS) read from a replica. Fix: call db.use_primary() in the handler"
     " before its first query, or send the write with POST, PUT, PATCH or DELETE."
 )
+_PRIMARY_DOWN = (
+    "The primary cannot be reached: {error}. Requests with a safe method are"
+    " still served by replicas; this one needs the primary."
+)
 _TOO_LATE = (
     "db.use_primary() was called after this request's first query, which ran"
     " on a read replica: all statements of a request go to one server. Fix:"
@@ -68,7 +78,7 @@ _TOO_LATE = (
 class _Route:
     """One request's role: decided at its first statement, then kept."""
 
-    __slots__ = ("token", "engine", "primary", "wrote", "committed")
+    __slots__ = ("token", "engine", "primary", "wrote", "committed", "refused")
 
     def __init__(self, token: str | None, primary: bool) -> None:
         self.token = token
@@ -78,25 +88,41 @@ class _Route:
         self.wrote = False
         #: A transaction that wrote has committed: the response gets a token.
         self.committed = False
+        #: A replica refused a write (25006): a retried attempt uses the primary.
+        self.refused = False
 
 
 class _Router:
     """Chooses, for each request, the engine every statement goes to."""
 
     def __init__(
-        self, primary: Engine, replicas: t.Sequence[Engine], wait: float
+        self,
+        primary: Engine,
+        replicas: t.Sequence[Engine],
+        *,
+        wait: float,
+        down_for: float,
+        max_lag: int | None,
     ) -> None:
         self.primary = primary
-        self.replicas = tuple(replicas)
         self.wait = wait
+        self.max_lag = max_lag
+        #: The servers' health in this process (``_servers``).
+        self.servers = [_Server(engine, down_for) for engine in (primary, *replicas)]
         #: The route of this router's request in this thread or greenlet;
         #: one variable per router, so two databases route independently.
         self._current: contextvars.ContextVar[_Route | None] = contextvars.ContextVar(
             "wsgi_scoped_route", default=None
         )
+        #: Set as an attempt whose write a replica refused ends.
+        self._refused: contextvars.ContextVar[bool] = contextvars.ContextVar(
+            "wsgi_scoped_refused", default=False
+        )
         event.listen(primary, "after_cursor_execute", self._note_write)
-        for engine in self.replicas:
-            event.listen(engine, "handle_error", _explain_write)
+        event.listen(primary, "handle_error", self._primary_failed)
+        for server in self.servers[1:]:
+            failed = functools.partial(self._replica_failed, server)
+            event.listen(server.engine, "handle_error", failed)
 
     def start(
         self, environ: WSGIEnvironment, start_response: StartResponse
@@ -104,7 +130,12 @@ class _Router:
         """Give the request a route, and the server's ``start_response``
         wrapped so that a response to a write carries the WAL position."""
         safe = environ.get("REQUEST_METHOD") in SAFE_METHODS
-        route = _Route(_token(environ) if safe else None, not safe)
+        # The retried attempt of a write a replica refused goes to the primary.
+        refused = self._refused.get()
+        if refused:
+            self._refused.set(False)
+        rerun = refused and environ.get(_ATTEMPT, 1) > 1
+        route = _Route(_token(environ) if safe else None, not safe or rerun)
         self._current.set(route)
 
         def respond(
@@ -117,6 +148,9 @@ class _Router:
         return respond
 
     def finish(self) -> None:
+        route = self._current.get()
+        if route is not None and route.refused:
+            self._refused.set(True)
         self._current.set(None)
 
     def engine(self) -> Engine:
@@ -138,11 +172,25 @@ class _Router:
         route.primary = True
 
     def _choose(self, route: _Route) -> Engine:
+        """The primary for writes; else a replica that is up (within the
+        lag limit, reachable), the primary if none is. A replica behind the
+        client's position serves it only while the primary is down."""
         if route.primary:
             return self.primary
-        replica = random.choice(self.replicas)
-        if route.token is None or self._replayed(replica, route.token):
-            return replica
+        now = time.monotonic()
+        primary, replicas = self.servers[0], self.servers[1:]
+        candidates = [each for each in replicas if each.up(now)]
+        if self.max_lag is not None and candidates:
+            candidates = _within_lag(primary, candidates, self.max_lag, now)
+        random.shuffle(candidates)
+        for replica in candidates:
+            if not replica.reachable():
+                continue
+            if route.token is None or self._replayed(replica.engine, route.token):
+                return replica.engine
+            if primary.up(time.monotonic()) and primary.reachable():
+                return self.primary
+            return replica.engine  # availability over read-your-writes
         return self.primary
 
     def _replayed(self, replica: Engine, token: str) -> bool:
@@ -172,6 +220,29 @@ class _Router:
             tag = getattr(cursor, "statusmessage", None) or ""
             route.wrote = tag.partition(" ")[0] not in _READS
 
+    def _primary_failed(self, context: t.Any) -> BaseException | None:
+        """The primary's ``handle_error``: in a request, a failed connect
+        becomes :class:`PrimaryUnavailableError`, which answers 503."""
+        failed = self.servers[0].connection_failed(context)
+        if failed and context.connection is None and self._current.get() is not None:
+            error = context.original_exception
+            return PrimaryUnavailableError(_PRIMARY_DOWN.format(error=error))
+        return None
+
+    def _replica_failed(self, server: _Server, context: t.Any) -> BaseException | None:
+        """A replica's ``handle_error``: a failed connection takes it out;
+        a write it refused says how to send the request to the primary, and
+        a retried attempt of the request goes there."""
+        if server.connection_failed(context):
+            return None
+        error = context.original_exception
+        if getattr(error, "sqlstate", None) != _READ_ONLY:
+            return None
+        route = self._current.get()
+        if route is not None:
+            route.refused = True
+        return ReplicaWriteError(_WRITE_ON_REPLICA.format(error=error))
+
     def committed(self, session: Session) -> None:
         """The sessionmaker's ``after_commit``: after a write, the response
         will carry the position."""
@@ -193,12 +264,6 @@ class _Router:
         return [(LSN_HEADER, lsn), ("Set-Cookie", cookie)]
 
 
-def _autocommit(engine: Engine) -> Connection:
-    """A connection that sends each statement alone, without BEGIN and
-    ROLLBACK: one round trip per statement."""
-    return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-
-
 def _token(environ: WSGIEnvironment) -> str | None:
     """The WAL position the client sent back, if it is well-formed."""
     header = environ.get(_LSN_ENVIRON)
@@ -210,15 +275,6 @@ def _token(environ: WSGIEnvironment) -> str | None:
         if found:
             return found.group(1)
     return None
-
-
-def _explain_write(context: t.Any) -> BaseException | None:
-    """Replace a replica's "read-only transaction" error with one that says
-    how to send the request to the primary."""
-    error = context.original_exception
-    if getattr(error, "sqlstate", None) != _READ_ONLY:
-        return None
-    return ReplicaWriteError(_WRITE_ON_REPLICA.format(error=error))
 
 
 class _RoutedSession(Session):

@@ -18,6 +18,7 @@ from sqlalchemy.orm import sessionmaker
 
 from .exceptions import AbortedTransactionError
 from .exceptions import DeadlineExceededError
+from .exceptions import ReplicaWriteError
 from .exceptions import _log_failure
 from .exceptions import _parameters_hidden
 from .exceptions import logger
@@ -324,6 +325,10 @@ def is_transient(error: BaseException) -> bool:
     happened is unknown. Nor is a request out of time: a statement cancelled
     (SQLSTATE ``57014``, as a deadline's ``statement_timeout`` does) or a
     :class:`DeadlineExceededError`, even raised while handling a conflict.
+    A standby's recovery conflict ("canceling statement due to conflict with
+    recovery") is a ``40001`` or ``40P01`` too. A :class:`ReplicaWriteError`
+    is transient as well: the middleware sends the retried attempt to the
+    primary.
     Exceptions raised *from* such an error, or while one was handled, count
     too; ``SystemExit``, ``KeyboardInterrupt``, ``GeneratorExit`` and other
     exceptions that are not :class:`Exception` never do.
@@ -338,6 +343,8 @@ def is_transient(error: BaseException) -> bool:
     if _out_of_time(error):
         return False  # the time is gone: a retry would have none
     for current in _chain(error):
+        if isinstance(current, ReplicaWriteError):
+            return True
         if isinstance(current, DBAPIError) and _lost_before_commit(current):
             return True
         orig = current.orig if isinstance(current, DBAPIError) else current
