@@ -291,7 +291,7 @@ def _finish_handler(
             environ, status, headers
         )
         if commit:
-            _commit_current(registry, environ)
+            _commit_current(registry)
         elif _has_session(registry.registry):
             _roll_back(registry.registry())
         response.committed = commit
@@ -301,14 +301,14 @@ def _finish_handler(
 def _commit_body(registry: scoped_session[t.Any], environ: WSGIEnvironment) -> None:
     """Commit what a streamed body did, after its status went out."""
     try:
-        _commit_current(registry, environ)
+        _commit_current(registry)
     except Exception:
         # The status went out long ago: the log is the only witness.
         _log_failure("Committing the work of the response body", environ)
         raise
 
 
-def _commit_current(registry: scoped_session[t.Any], environ: WSGIEnvironment) -> None:
+def _commit_current(registry: scoped_session[t.Any]) -> None:
     """Commit the current session, if there is one (its hooks run then)."""
     if _has_session(registry.registry):
         _commit(registry.registry())
