@@ -10,14 +10,18 @@ import contextlib
 import logging
 import os
 import re
+import sys
 import threading
 import time
 import typing as t
 import uuid
+import wsgiref.util
 from pathlib import Path
+from wsgiref.validate import validator
 
 import pytest
 import replica_pair
+import webtest
 from conftest import CountingSession
 from proxy import Proxy
 from sqlalchemy import create_engine
@@ -314,6 +318,66 @@ def test_other_errors_on_a_replica_are_unchanged(db: Database) -> None:
 
     with pytest.raises(ProgrammingError, match="no_such_table"):
         db.middleware(app)({"REQUEST_METHOD": "GET"}, lambda *a: None)
+
+
+def test_statements_that_write_nothing_send_no_wal_position(db: Database) -> None:
+    """A POST on the primary whose statements only read, show, set or take
+    savepoints (one-word status tags: SHOW, SET, SAVEPOINT, RELEASE) wrote
+    nothing: its response carries no position."""
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        session = db()
+        session.execute(text("SHOW server_version"))
+        session.execute(text("SET LOCAL statement_timeout = 5000"))
+        with session.begin_nested():
+            session.execute(text("SELECT count(*) FROM item"))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    app_under_test = webtest.TestApp(db.middleware(app, commit=True))
+    response = app_under_test.post("/")
+    assert LSN_HEADER not in response.headers
+    assert "Set-Cookie" not in response.headers
+
+
+@pytest.mark.parametrize("commit", [False, True], ids=["commit=False", "commit=True"])
+def test_an_error_page_after_start_response_reaches_the_server(
+    db: Database, commit: bool
+) -> None:
+    """A handler that started a response and then failed calls
+    start_response again with exc_info (PEP 3333): the server gets that
+    call, exc_info included, so the error page replaces the first status."""
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        try:
+            db().execute(text("SELECT * FROM no_such_table"))
+        except ProgrammingError:
+            start_response(
+                "500 Internal Server Error",
+                [("Content-Type", "text/plain")],
+                sys.exc_info(),
+            )
+            return [b"error page"]
+        raise AssertionError("unreachable")
+
+    environ: dict[str, t.Any] = {}
+    wsgiref.util.setup_testing_defaults(environ)
+    environ["QUERY_STRING"] = ""
+    calls: list[tuple[str, object]] = []
+
+    def start_response(
+        status: str, headers: list[tuple[str, str]], exc_info: t.Any = None
+    ) -> t.Callable[[bytes], object]:
+        calls.append((status, exc_info and exc_info[0]))
+        return lambda data: None
+
+    wrapped = validator(db.middleware(app, commit=commit))
+    body = wrapped(environ, start_response)
+    assert b"".join(body) == b"error page"
+    body.close()  # type: ignore[attr-defined]
+    assert calls[-1] == ("500 Internal Server Error", ProgrammingError)
+    assert db.replicas[0].pool.checkedout() == 0
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"])
