@@ -648,8 +648,14 @@ def test_a_paused_replica_resumes_when_the_block_raises(db: Database) -> None:
 
 def test_wait_for_replica_needs_a_replica_and_a_server(pair: replica_pair.Pair) -> None:
     plain = Database("sqlite://")
-    with pytest.raises(TypeError, match="no replica to wait for.*has no 'replicas'"):
-        wait_for_replica(plain)
+    for primary in (plain, plain.engine):  # a Database without replicas, an engine
+        with pytest.raises(TypeError) as caught:
+            wait_for_replica(primary)
+        assert str(caught.value) == (
+            f"wait_for_replica() got no replica to wait for: {primary!r} has no"
+            " 'replicas'. Pass a Database with replicas, or the replica's engine"
+            " or URL: wait_for_replica(primary, replica)."
+        )
     with pytest.raises(TypeError, match="The replica helpers need a wsgi_scoped"):
         wait_for_replica(42, pair.standby)  # type: ignore[arg-type]
     plain.engine.dispose()
