@@ -19,6 +19,7 @@ from .exceptions import logger
 #: Seconds between two measurements of a replica's lag, per process.
 LAG_INTERVAL = 1.0
 _POSITION = text("SELECT pg_current_wal_lsn()")
+_REPLAYED = text("SELECT pg_last_wal_replay_lsn() >= CAST(:lsn AS pg_lsn)")
 #: Bytes of the primary's WAL (at ``:lsn``) that the replica has not replayed.
 _LAG = text("SELECT pg_wal_lsn_diff(CAST(:lsn AS pg_lsn), pg_last_wal_replay_lsn())")
 
@@ -67,11 +68,6 @@ class _Server:
         checkout looks at (no round trip), else a new one."""
         return _survived([self], lambda: self.engine.connect().close())
 
-    def position(self) -> str:
-        """The primary's WAL position: one round trip, in autocommit."""
-        with _autocommit(self.engine) as connection:
-            return str(connection.execute(_POSITION).scalar_one())
-
     def measure(self, position: str, now: float) -> None:
         """The replica's lag behind the primary's ``position``: one round
         trip, in autocommit."""
@@ -85,6 +81,26 @@ def _autocommit(engine: Engine) -> Connection:
     """A connection that sends each statement alone, without BEGIN and
     ROLLBACK: one round trip per statement."""
     return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+
+def _position(primary: Engine) -> str:
+    """The primary's WAL position (``pg_current_wal_lsn()``, not the insert
+    position): one round trip, in autocommit."""
+    with _autocommit(primary) as connection:
+        return str(connection.execute(_POSITION).scalar_one())
+
+
+def _replayed(replica: Engine, lsn: str, seconds: float, poll: float) -> bool:
+    """Whether ``replica`` has replayed the WAL up to ``lsn``, looking every
+    ``poll`` seconds for at most ``seconds`` (at least once)."""
+    deadline = time.monotonic() + seconds
+    with _autocommit(replica) as connection:
+        while not connection.execute(_REPLAYED, {"lsn": lsn}).scalar():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(poll, left))
+    return True
 
 
 def _survived(servers: list[_Server], action: t.Callable[[], object]) -> bool:
@@ -113,7 +129,7 @@ def _measure(primary: _Server, replicas: list[_Server], now: float) -> None:
     ]
     positions: list[str] = []
     if stale and primary.up(now):
-        _survived([primary], lambda: positions.append(primary.position()))
+        _survived([primary], lambda: positions.append(_position(primary.engine)))
     for replica in stale if positions else ():
         _survived([replica], functools.partial(replica.measure, positions[0], now))
 

@@ -24,8 +24,8 @@ from sqlalchemy.pool import NullPool
 
 from ._arguments import _engine_of
 from ._servers import _autocommit
-from .replicas import _POSITION
-from .replicas import _REPLAYED
+from ._servers import _position
+from ._servers import _replayed
 
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
@@ -250,18 +250,17 @@ def wait_for_replica(
             " 'replicas'. Pass a Database with replicas, or the replica's engine"
             " or URL: wait_for_replica(primary, replica)."
         )
-    with _engine(primary) as engine, _autocommit(engine) as connection:
-        lsn = str(connection.execute(_POSITION).scalar_one())
+    with _engine(primary) as engine:
+        lsn = _position(engine)
     deadline = time.monotonic() + timeout
     for each in replicas:
-        with _engine(each) as engine, _autocommit(engine) as connection:
-            while not connection.execute(_REPLAYED, {"lsn": lsn}).scalar():
-                if time.monotonic() > deadline:
-                    where = engine.url.render_as_string(hide_password=True)
-                    raise TimeoutError(
-                        _NOT_REPLAYED.format(replica=where, lsn=lsn, timeout=timeout)
-                    )
-                time.sleep(_WAIT_POLL)
+        with _engine(each) as engine:
+            left = deadline - time.monotonic()
+            if not _replayed(engine, lsn, left, _WAIT_POLL):
+                where = engine.url.render_as_string(hide_password=True)
+                raise TimeoutError(
+                    _NOT_REPLAYED.format(replica=where, lsn=lsn, timeout=timeout)
+                )
     return lsn
 
 

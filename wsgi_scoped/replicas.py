@@ -19,10 +19,10 @@ import typing as t
 from sqlalchemy import Connection
 from sqlalchemy import Engine
 from sqlalchemy import event
-from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from ._servers import _autocommit
+from ._servers import _position
+from ._servers import _replayed
 from ._servers import _Server
 from ._servers import _within_lag
 from .exceptions import PrimaryUnavailableError
@@ -54,8 +54,6 @@ _READS = frozenset(
 )
 #: Seconds between two looks at a replica's replay position.
 _POLL = 0.002
-_REPLAYED = text("SELECT pg_last_wal_replay_lsn() >= CAST(:lsn AS pg_lsn)")
-_POSITION = text("SELECT pg_current_wal_lsn()")
 
 _READ_ONLY = "25006"  # PostgreSQL's read_only_sql_transaction
 _WRITE_ON_REPLICA = (
@@ -186,24 +184,13 @@ class _Router:
         for replica in candidates:
             if not replica.reachable():
                 continue
-            if route.token is None or self._replayed(replica.engine, route.token):
+            token = route.token
+            if token is None or _replayed(replica.engine, token, self.wait, _POLL):
                 return replica.engine
             if primary.up(time.monotonic()) and primary.reachable():
                 return self.primary
             return replica.engine  # availability over read-your-writes
         return self.primary
-
-    def _replayed(self, replica: Engine, token: str) -> bool:
-        """Whether ``replica`` has replayed the WAL up to ``token``, waiting
-        at most ``wait`` seconds for it."""
-        deadline = time.monotonic() + self.wait
-        with _autocommit(replica) as connection:
-            while not connection.execute(_REPLAYED, {"lsn": token}).scalar():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                time.sleep(min(_POLL, left))
-        return True
 
     def _note_write(
         self,
@@ -254,8 +241,7 @@ class _Router:
         """The primary's WAL position as a header and a cookie; none if it
         cannot be read (the commit stands, so the failure is only logged)."""
         try:
-            with _autocommit(self.primary) as connection:
-                lsn = str(connection.execute(_POSITION).scalar_one())
+            lsn = _position(self.primary)
         except Exception:
             _log_failure("Reading the primary's WAL position", environ)
             return []
