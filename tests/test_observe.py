@@ -35,7 +35,20 @@ from wsgi_scoped.observe import _before
 
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
+    from _typeshed.wsgi import WSGIApplication
     from _typeshed.wsgi import WSGIEnvironment
+
+
+def served_in(
+    wrapped: WSGIApplication,
+    environ: WSGIEnvironment,
+    start_response: StartResponseRecorder,
+) -> tuple[RequestStats, float]:
+    """Serve one request: its statistics, and the seconds it took, which
+    bound every figure of it."""
+    started = time.perf_counter()
+    serve(wrapped, environ, start_response)
+    return environ["wsgi_scoped.stats"], time.perf_counter() - started
 
 
 def test_no_listener_without_statistics(
@@ -656,10 +669,7 @@ def test_statistics_add_up_every_checkout_and_report_milliseconds(
         return [b"ok"]
 
     wrapped = ScopedSessionMiddleware(app, registry, stats=True, server_timing=True)
-    started = time.perf_counter()
-    serve(wrapped, environ, start_response)
-    elapsed = time.perf_counter() - started
-    stats = environ["wsgi_scoped.stats"]
+    stats, elapsed = served_in(wrapped, environ, start_response)
     assert stats.statements == 2
     assert 2 * pause <= stats.db_time <= elapsed
     assert 2 * pause <= stats.checkout_wait <= elapsed
@@ -777,10 +787,7 @@ def test_a_session_on_two_engines_counts_each_wait_and_hold_once(
         return [b"ok"]
 
     wrapped = ScopedSessionMiddleware(app, registry, stats=True)
-    started = time.perf_counter()
-    serve(wrapped, environ, start_response)
-    elapsed = time.perf_counter() - started
-    stats = environ["wsgi_scoped.stats"]
+    stats, elapsed = served_in(wrapped, environ, start_response)
     assert 0 < stats.checkout_wait <= elapsed
     assert 0 < stats.connection_held <= elapsed
     for engine in engines:
@@ -806,10 +813,7 @@ def test_a_connection_taken_before_the_request_adds_no_hold_time(
         return [b"ok"]
 
     wrapped = ScopedSessionMiddleware(app, registry, stats=True)
-    started = time.perf_counter()
-    serve(wrapped, environ, start_response)
-    elapsed = time.perf_counter() - started
-    stats = environ["wsgi_scoped.stats"]
+    stats, elapsed = served_in(wrapped, environ, start_response)
     assert 0 < stats.connection_held <= elapsed
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
