@@ -28,7 +28,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 #: The test files that exercise each module of wsgi_scoped/.
 TESTS = {
-    "_arguments": ["test_middleware", "test_database", "test_observe", "test_deadline"],
+    "_arguments": [
+        "test_arguments",
+        "test_middleware",
+        "test_database",
+        "test_observe",
+        "test_deadline",
+    ],
     "_servers": ["test_replica_health", "test_replicas"],
     "_sockets": ["test_sockets", "test_roundtrips", "test_health"],
     "database": ["test_database", "test_replicas"],

@@ -626,58 +626,6 @@ def noop_app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
     return []
 
 
-@pytest.mark.parametrize(
-    ("app", "registry_value", "message"),
-    [
-        pytest.param(
-            noop_app,
-            sessionmaker(),
-            r"'registry' must be a sqlalchemy.orm.scoped_session or a"
-            r" wsgi_scoped.Database, got 'sessionmaker'. Wrap it:"
-            r" scoped_session\(sessionmaker\(...\)\).",
-            id="sessionmaker",
-        ),
-        pytest.param(
-            noop_app,
-            Session(),
-            r"got 'Session'. One Session would be shared by every request",
-            id="session",
-        ),
-        pytest.param(
-            noop_app,
-            None,
-            r"got 'NoneType'. Create one with scoped_session\(sessionmaker\(engine\)\)",
-            id="none",
-        ),
-        pytest.param(
-            "app",
-            scoped_session(sessionmaker()),
-            r"'app' must be a WSGI application \(a callable taking environ and"
-            r" start_response\), got 'str'.",
-            id="app not callable",
-        ),
-        pytest.param(
-            scoped_session(sessionmaker()),
-            noop_app,
-            r"'app' is a scoped_session: the arguments are swapped",
-            id="swapped",
-        ),
-    ],
-)
-def test_wrong_arguments_fail_at_construction(
-    app: t.Any, registry_value: t.Any, message: str
-) -> None:
-    with pytest.raises(TypeError, match=message):
-        ScopedSessionMiddleware(app, registry_value)
-
-
-def test_unknown_option_fails_at_construction() -> None:
-    with pytest.raises(TypeError, match="commit_policy"):
-        ScopedSessionMiddleware(
-            noop_app, scoped_session(sessionmaker()), commit_policy=1
-        )  # type: ignore[call-arg]
-
-
 def test_request_without_session_use_creates_none(
     engine: Engine,
     environ: WSGIEnvironment,

@@ -429,53 +429,6 @@ def test_trace_tag_never_changes_a_statement(
     assert not any(set(tag) & set("%?:$\n\xe9") for tag in tags)
 
 
-@pytest.mark.parametrize(
-    ("options", "error", "message"),
-    [
-        pytest.param(
-            {"stats": 1}, TypeError, "'stats' must be True or False", id="stats"
-        ),
-        pytest.param(
-            {"server_timing": "yes"},
-            TypeError,
-            "'server_timing' must be True or False",
-            id="server_timing",
-        ),
-        pytest.param(
-            {"warn_statements": -1},
-            ValueError,
-            "'warn_statements' must be an int >= 0 or None, got -1.",
-            id="warn_statements",
-        ),
-        pytest.param(
-            {"warn_db_time": "1s"},
-            ValueError,
-            "'warn_db_time' must be a number of seconds >= 0 or None, got '1s'.",
-            id="warn_db_time",
-        ),
-        pytest.param(
-            {"trace": ""},
-            TypeError,
-            "'trace' must be True, False or the name of a request id header",
-            id="trace",
-        ),
-    ],
-)
-def test_wrong_observability_options_fail_at_construction(
-    engine: Engine, options: dict[str, t.Any], error: type[Exception], message: str
-) -> None:
-    registry = scoped_session(sessionmaker(engine))
-    with pytest.raises(error, match=message):
-        ScopedSessionMiddleware(lambda e, s: [], registry, **options)
-
-
-def test_statistics_need_an_engine() -> None:
-    with pytest.raises(TypeError, match="Statistics need a wsgi_scoped.Database"):
-        ScopedSessionMiddleware(
-            lambda e, s: [], scoped_session(sessionmaker()), stats=True
-        )
-
-
 def test_statistics_follow_retried_attempts(
     tmp_path: t.Any, environ: WSGIEnvironment
 ) -> None:

@@ -1,0 +1,321 @@
+"""Construction: what each argument of ScopedSessionMiddleware accepts, and
+the whole message of what it refuses (README: "Bad input gets a clear
+error"). A message is the user's only guide to the fix, so each is compared
+in full, not by a fragment."""
+
+from __future__ import annotations
+
+import typing as t
+
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.orm import Session
+from sqlalchemy.orm import scoped_session
+from sqlalchemy.orm import sessionmaker
+
+from wsgi_scoped import Database
+from wsgi_scoped import ScopedSessionMiddleware
+from wsgi_scoped import default_commit_veto
+from wsgi_scoped.health import HealthCheck
+
+if t.TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse
+    from _typeshed.wsgi import WSGIEnvironment
+
+
+def noop_app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+    start_response("204 No Content", [])
+    return []
+
+
+def refused(
+    error: type[Exception], message: str, *args: t.Any, **options: t.Any
+) -> None:
+    with pytest.raises(error) as caught:
+        ScopedSessionMiddleware(*args, **options)
+    assert type(caught.value) is error
+    assert str(caught.value) == message
+
+
+EXPECTED_REGISTRY = (
+    "'registry' must be a sqlalchemy.orm.scoped_session or a"
+    " wsgi_scoped.Database, got {!r}."
+)
+
+
+@pytest.mark.parametrize(
+    ("app", "registry", "message"),
+    [
+        pytest.param(
+            noop_app,
+            sessionmaker(),
+            EXPECTED_REGISTRY.format("sessionmaker")
+            + " Wrap it: scoped_session(sessionmaker(...)).",
+            id="sessionmaker",
+        ),
+        pytest.param(
+            noop_app,
+            Session(),
+            EXPECTED_REGISTRY.format("Session")
+            + " One Session would be shared by every request; pass"
+            " scoped_session(sessionmaker(...)) instead.",
+            id="session",
+        ),
+        pytest.param(
+            noop_app,
+            None,
+            EXPECTED_REGISTRY.format("NoneType")
+            + " Create one with scoped_session(sessionmaker(engine)).",
+            id="none",
+        ),
+        pytest.param(
+            "app",
+            scoped_session(sessionmaker()),
+            "'app' must be a WSGI application (a callable taking environ and"
+            " start_response), got 'str'.",
+            id="app not callable",
+        ),
+        pytest.param(
+            scoped_session(sessionmaker()),
+            noop_app,
+            "'app' is a scoped_session: the arguments are swapped."
+            " Use ScopedSessionMiddleware(app, registry).",
+            id="swapped",
+        ),
+    ],
+)
+def test_wrong_arguments_fail_at_construction(
+    app: t.Any, registry: t.Any, message: str
+) -> None:
+    refused(TypeError, message, app, registry)
+
+
+def test_unknown_option_fails_at_construction() -> None:
+    with pytest.raises(TypeError, match="commit_policy"):
+        ScopedSessionMiddleware(
+            noop_app, scoped_session(sessionmaker()), commit_policy=1
+        )  # type: ignore[call-arg]
+
+
+NEEDS_COMMIT = (
+    "'{0}' needs commit=True: without it the handlers commit their own"
+    " work, which the middleware can neither veto nor run again. Pass"
+    " commit=True, or drop '{0}'."
+)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        pytest.param(
+            {"commit": 1},
+            TypeError,
+            "'commit' must be True or False, got 1.",
+            id="commit",
+        ),
+        pytest.param(
+            {"commit": None},
+            TypeError,
+            "'commit' must be True or False, got None.",
+            id="commit None",
+        ),
+        pytest.param(
+            {"commit": True, "commit_veto": "x"},
+            TypeError,
+            "'commit_veto' must be a callable (environ, status, headers) -> bool,"
+            " got 'str'.",
+            id="veto",
+        ),
+        pytest.param(
+            {"commit": True, "retries": -1},
+            ValueError,
+            "'retries' must be an int >= 0, got -1.",
+            id="negative retries",
+        ),
+        pytest.param(
+            {"commit": True, "retries": True},
+            ValueError,
+            "'retries' must be an int >= 0, got True.",
+            id="bool retries",
+        ),
+        pytest.param(
+            {"commit": True, "retries": 2.0},
+            ValueError,
+            "'retries' must be an int >= 0, got 2.0.",
+            id="float retries",
+        ),
+        pytest.param(
+            {"replay_memory": -1},
+            ValueError,
+            "'replay_memory' must be an int >= 0, got -1.",
+            id="replay_memory",
+        ),
+        pytest.param(
+            {"replay_memory": "1MB"},
+            ValueError,
+            "'replay_memory' must be an int >= 0, got '1MB'.",
+            id="replay_memory str",
+        ),
+        pytest.param(
+            {"replay_limit": 1.5},
+            ValueError,
+            "'replay_limit' must be an int >= 0, got 1.5.",
+            id="replay_limit",
+        ),
+        pytest.param(
+            {"replay_limit": -1},
+            ValueError,
+            "'replay_limit' must be an int >= 0, got -1.",
+            id="negative replay_limit",
+        ),
+        pytest.param(
+            {"retries": 2},
+            ValueError,
+            NEEDS_COMMIT.format("retries"),
+            id="retries without commit",
+        ),
+        pytest.param(
+            {"commit_veto": default_commit_veto},
+            ValueError,
+            NEEDS_COMMIT.format("commit_veto"),
+            id="veto without commit",
+        ),
+        pytest.param(
+            {"commit_veto": default_commit_veto, "retries": 1},
+            ValueError,
+            NEEDS_COMMIT.format("commit_veto"),
+            id="veto and retries without commit",
+        ),
+        pytest.param(
+            {"commit": True, "retry_backoff": -1},
+            ValueError,
+            "'retry_backoff' must be a number of seconds >= 0, got -1.",
+            id="backoff",
+        ),
+        pytest.param(
+            {"commit": True, "retry_backoff": "1s"},
+            ValueError,
+            "'retry_backoff' must be a number of seconds >= 0, got '1s'.",
+            id="backoff str",
+        ),
+        pytest.param(
+            {"commit": True, "retry_backoff": False},
+            ValueError,
+            "'retry_backoff' must be a number of seconds >= 0, got False.",
+            id="backoff bool",
+        ),
+        pytest.param(
+            {"stats": 1}, TypeError, "'stats' must be True or False, got 1.", id="stats"
+        ),
+        pytest.param(
+            {"server_timing": "yes"},
+            TypeError,
+            "'server_timing' must be True or False, got 'yes'.",
+            id="server_timing",
+        ),
+        pytest.param(
+            {"warn_statements": -1},
+            ValueError,
+            "'warn_statements' must be an int >= 0 or None, got -1.",
+            id="warn_statements",
+        ),
+        pytest.param(
+            {"warn_db_time": "1s"},
+            ValueError,
+            "'warn_db_time' must be a number of seconds >= 0 or None, got '1s'.",
+            id="warn_db_time",
+        ),
+        pytest.param(
+            {"warn_db_time": -0.5},
+            ValueError,
+            "'warn_db_time' must be a number of seconds >= 0 or None, got -0.5.",
+            id="negative warn_db_time",
+        ),
+        pytest.param(
+            {"trace": ""},
+            TypeError,
+            "'trace' must be True, False or the name of a request id header"
+            " such as 'X-Request-Id', got ''.",
+            id="trace empty",
+        ),
+        pytest.param(
+            {"trace": 1},
+            TypeError,
+            "'trace' must be True, False or the name of a request id header"
+            " such as 'X-Request-Id', got 1.",
+            id="trace int",
+        ),
+    ],
+)
+def test_wrong_options_fail_at_construction(
+    options: dict[str, t.Any], error: type[Exception], message: str
+) -> None:
+    refused(error, message, noop_app, scoped_session(sessionmaker()), **options)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param(
+            {"commit": True, "retries": 0, "replay_memory": 0, "replay_limit": 0},
+            id="zero counts",
+        ),
+        pytest.param({"commit": True, "retry_backoff": 0}, id="no backoff"),
+        pytest.param({"commit": True, "retry_backoff": 0.5}, id="float backoff"),
+        pytest.param(
+            {"commit": True, "retries": 1, "commit_veto": default_commit_veto},
+            id="veto and retries",
+        ),
+        pytest.param({"commit": False, "retries": 0}, id="no retries without commit"),
+        pytest.param(
+            {"warn_statements": 0, "warn_db_time": 0, "trace": "X-Request-Id"},
+            id="zero limits",
+        ),
+        pytest.param({"warn_db_time": 0.25, "trace": True}, id="float warn_db_time"),
+        pytest.param({"stats": True, "server_timing": True}, id="observing"),
+    ],
+)
+def test_the_edges_of_each_range_are_accepted(options: dict[str, t.Any]) -> None:
+    """0 is a valid count and a valid number of seconds, and a float is a
+    valid number of seconds: each is kept as given."""
+    engine = create_engine("sqlite://")
+    layer = ScopedSessionMiddleware(
+        noop_app, scoped_session(sessionmaker(engine)), **options
+    )
+    for name in ("commit", "retries", "replay_memory", "replay_limit", "retry_backoff"):
+        if name in options:
+            assert getattr(layer, name) == options[name]
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("what", "make"),
+    [
+        pytest.param(
+            "Statistics",
+            lambda registry: ScopedSessionMiddleware(noop_app, registry, stats=True),
+            id="stats",
+        ),
+        pytest.param(
+            "Health checks", lambda registry: HealthCheck(registry), id="health"
+        ),
+    ],
+)
+def test_features_that_need_an_engine_name_the_fix(
+    what: str, make: t.Callable[[t.Any], object]
+) -> None:
+    with pytest.raises(TypeError) as caught:
+        make(scoped_session(sessionmaker()))
+    assert str(caught.value) == (
+        f"{what} need a wsgi_scoped.Database, a scoped_session bound to one"
+        " Engine, or an Engine, got 'scoped_session' (bound to 'NoneType')."
+        " Create the registry with scoped_session(sessionmaker(engine))."
+    )
+
+
+def test_features_find_the_engine_of_a_database_a_bound_registry_or_an_engine() -> None:
+    db = Database("sqlite://")
+    bound = scoped_session(sessionmaker(db.engine))
+    for database in (db, bound, db.engine):
+        assert HealthCheck(database).engine is db.engine
+    db.engine.dispose()
