@@ -13,7 +13,10 @@ of the mutated module there (README: Mutation testing), and prints
     .venv/bin/mutmut results | sed -n 's/: survived$//p' \\
         | xargs .venv/bin/python tests/mutation_check.py --tree ../wsgi_scoped-check
 
-The tree is created (``git worktree add --detach``) if it does not exist.
+The tree is created (``git worktree add --detach``) if it does not exist, and
+checked out at this checkout's HEAD: commit a new test before checking with it.
+``--tests PATH ...`` runs those tests instead (pytest paths or test ids, such
+as a new test written for a survivor), before the names, after ``--``.
 """
 
 from __future__ import annotations
@@ -102,14 +105,14 @@ def apply(name: str, diff: list[str], tree: Path) -> None:
     path.write_text("\n".join(lines))
 
 
-def check(name: str, tree: Path) -> str:
+def check(name: str, tree: Path, tests: list[str] | None = None) -> str:
     subprocess.run(["git", "checkout", "-q", "--", "wsgi_scoped"], cwd=tree, check=True)
     try:
         apply(name, mutant_diff(name), tree)
     except (LookupError, StopIteration, subprocess.CalledProcessError) as error:
         return f"not applied ({error})"
     module = name.split(".")[1]
-    files = [f"tests/{each}.py" for each in TESTS.get(module, [])]
+    files = tests or [f"tests/{each}.py" for each in TESTS.get(module, [])]
     environ = {**os.environ, "PYTHONPATH": str(tree)}
     try:
         run = subprocess.run(
@@ -132,14 +135,26 @@ def check(name: str, tree: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
     parser.add_argument("--tree", type=Path, required=True)
+    parser.add_argument(
+        "--tests",
+        nargs="+",
+        metavar="PATH",
+        help="the tests to run (pytest paths, test ids too) instead of the"
+        " module's test files",
+    )
     parser.add_argument("names", nargs="+")
     arguments = parser.parse_args()
     tree = arguments.tree.resolve()
     if not tree.exists():
         add = ["git", "worktree", "add", "-q", "--detach", str(tree)]
         subprocess.run(add, cwd=ROOT, check=True)
+    # The tests as committed here: commit a new test before checking with it.
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    subprocess.run(["git", "checkout", "-q", "--detach", head], cwd=tree, check=True)
     for name in arguments.names:
-        print(f"{name}: {check(name, tree)}", flush=True)
+        print(f"{name}: {check(name, tree, arguments.tests)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -640,7 +640,7 @@ def test_statistics_tag_statements_only_when_tracing(
     engine: Engine, environ: WSGIEnvironment
 ) -> None:
     """Statistics alone leave statements as written; tracing tags them with
-    the method and path (an absent PATH_INFO is an empty path), at most 200
+    the method and path (an absent PATH_INFO or REQUEST_METHOD is empty), at most 200
     characters of it."""
     registry = scoped_session(sessionmaker(engine))
     statements: list[str] = []
@@ -659,11 +659,15 @@ def test_statistics_tag_statements_only_when_tracing(
     no_path = dict(environ)
     del no_path["PATH_INFO"]
     serve(traced, no_path, StartResponseRecorder())
+    no_method = dict(environ, PATH_INFO="/m")
+    del no_method["REQUEST_METHOD"]
+    serve(traced, no_method, StartResponseRecorder())
     serve(traced, dict(environ, PATH_INFO="/" + "a" * 300), StartResponseRecorder())
     long_tag = ("GET /" + "a" * 300)[:200]
     assert statements == [
         "SELECT 1",
         "SELECT 1 /* GET  */",
+        "SELECT 1 /*  /m */",
         f"SELECT 1 /* {long_tag} */",
     ]
     assert RequestStats().tag == ""

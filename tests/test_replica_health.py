@@ -346,9 +346,10 @@ def test_the_health_check_reports_each_replica(
 ) -> None:
     """Each replica's state and lag in bytes: a replica held back while the
     primary writes shows its lag; one that refuses connections shows down
-    (the check's measurement found it), and the check still answers 200."""
+    (the check's measurement found it), and the check still answers 200.
+    A URL's password never reaches the report."""
     monkeypatch.setattr(_servers, "LAG_INTERVAL", 0)
-    dead = pair.standby.set(port=free_port())
+    dead = pair.standby.set(port=free_port(), password="hunter2")
     with database(pair.primary, dead, pair.standby) as db:
         check = HealthCheck(db, timeout=10)
         status, report = health(check)
@@ -360,6 +361,8 @@ def test_the_health_check_reports_each_replica(
             {"url": dead_url, "up": False, "lag_bytes": None},
             {"url": standby_url, "up": True, "lag_bytes": 0},
         ]
+        assert ":***@" in dead_url
+        assert "hunter2" not in json.dumps(report)
         with paused_replica(pair.standby):
             with db.engine.begin() as connection:
                 connection.execute(text("INSERT INTO item (name) VALUES ('lag')"))
