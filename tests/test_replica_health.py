@@ -20,14 +20,18 @@ import replica_pair
 from conftest import StartResponseRecorder
 from conftest import serve
 from proxy import Proxy
+from sqlalchemy import create_engine
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import ProgrammingError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from support import free_port
 from support import http_call
 from support import replica_app_server
 
 from wsgi_scoped import Database
 from wsgi_scoped import HealthCheck
+from wsgi_scoped import PrimaryUnavailableError
 from wsgi_scoped import ReplicaWriteError
 from wsgi_scoped import _servers
 from wsgi_scoped.pytest_plugin import paused_replica
@@ -236,10 +240,13 @@ def test_standby_failover(pair: replica_pair.Pair) -> None:
         assert served.replica[-1] is True
 
 
-def test_primary_failover(pair: replica_pair.Pair) -> None:
+def test_primary_failover(
+    pair: replica_pair.Pair, caplog: pytest.LogCaptureFixture
+) -> None:
     """The primary stops: reads are served by the replica, even one that
     sent a position the replica has not replayed; a write answers 503 with
-    Retry-After at once, without retries."""
+    Retry-After at once, without retries, and the log says why. Outside
+    requests the driver's error is unchanged."""
     with database(pair.primary, pair.standby) as db:
         served = Served()
         app = db.middleware(reporting_app(db, served), commit=True, retries=3)
@@ -254,6 +261,19 @@ def test_primary_failover(pair: replica_pair.Pair) -> None:
             assert headers["Retry-After"] == "1"
             assert b"primary cannot be reached" in body
             assert served.replica[1:] == [True, True]  # never retried
+            [logged] = [r for r in caplog.records if r.exc_info]
+            error = logged.exc_info[1]  # type: ignore[index]
+            assert isinstance(error, PrimaryUnavailableError)
+            refused = str(error.__cause__)  # the driver's error
+            assert "Connection refused" in refused
+            assert str(error) == (
+                f"The primary cannot be reached: {refused}. Requests with a"
+                " safe method are still served by replicas; this one needs"
+                " the primary."
+            )
+            with pytest.raises(OperationalError) as caught:
+                db.engine.connect()
+            assert not isinstance(caught.value, PrimaryUnavailableError)
         assert db.engine.pool.checkedout() == 0
 
 
@@ -491,6 +511,18 @@ def test_an_exhausted_replica_pool_answers_503_and_keeps_the_replica(
         assert served.replica == [True]
 
 
+def test_a_replica_exactly_at_the_lag_limit_serves_reads() -> None:
+    """``replica_max_lag`` is the most a replica may be behind: a replica
+    measured at the limit is kept, one byte more is not (the last
+    measurements stand, as within LAG_INTERVAL; nothing connects)."""
+    engine = create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    now = time.monotonic()
+    primary, at_limit, over = (_servers._Server(engine, 5) for _ in range(3))
+    for server, lag in ((at_limit, 100), (over, 101)):
+        server.lag, server.measured = lag, now
+    assert _servers._within_lag(primary, [at_limit, over], 100, now) == [at_limit]
+
+
 def test_a_failed_lag_measurement_never_fails_the_health_check(
     pair: replica_pair.Pair, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -500,7 +532,10 @@ def test_a_failed_lag_measurement_never_fails_the_health_check(
             status, report = health(HealthCheck(db, timeout=10))
         assert status == "200 OK"
         assert report["replicas"][0]["lag_bytes"] is None
-        assert "Measuring the replicas' lag failed" in caplog.text
+        [logged] = [r for r in caplog.records if "lag" in r.getMessage()]
+        assert logged.getMessage() == "Measuring the replicas' lag failed"
+        assert logged.levelname == "WARNING"
+        assert isinstance(logged.exc_info[1], PoolTimeout)  # type: ignore[index]
 
 
 def test_a_write_on_a_replica_engine_outside_requests_names_the_fix(
