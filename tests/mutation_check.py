@@ -8,6 +8,8 @@ kills. This script applies each mutant named on the command line (from
 ``mutmut show``) to a clean git worktree of this checkout, runs the test files
 of the mutated module there (README: Mutation testing), and prints
 ``killed`` or ``SURVIVED`` for each; the worktree is reset after each one.
+The same tests run once without any mutant first: if they fail there, the
+script stops, since a kill would mean nothing.
 
     .venv/bin/python tests/mutation_check.py --tree ../wsgi_scoped-check NAME ...
     .venv/bin/mutmut results | sed -n 's/: survived$//p' \\
@@ -105,31 +107,43 @@ def apply(name: str, diff: list[str], tree: Path) -> None:
     path.write_text("\n".join(lines))
 
 
-def check(name: str, tree: Path, tests: list[str] | None = None) -> str:
-    subprocess.run(["git", "checkout", "-q", "--", "wsgi_scoped"], cwd=tree, check=True)
-    try:
-        apply(name, mutant_diff(name), tree)
-    except (LookupError, StopIteration, subprocess.CalledProcessError) as error:
-        return f"not applied ({error})"
+def test_files(name: str, tests: list[str] | None) -> list[str]:
+    """The tests that check mutant ``name``: ``tests``, else its module's."""
     module = name.split(".")[1]
-    files = tests or [f"tests/{each}.py" for each in TESTS.get(module, [])]
+    return tests or [f"tests/{each}.py" for each in TESTS.get(module, [])]
+
+
+def run_tests(files: list[str], tree: Path) -> int | None:
+    """pytest's exit code for ``files`` in ``tree``; None if it timed out."""
     environ = {**os.environ, "PYTHONPATH": str(tree)}
     try:
-        run = subprocess.run(
+        return subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
             + ["-m", "not server", *files],
             cwd=tree,
             env=environ,
             capture_output=True,
             timeout=600,
-        )
+        ).returncode
     except subprocess.TimeoutExpired:
-        return "killed (timeout)"
+        return None
+
+
+def check(name: str, tree: Path, files: list[str]) -> str:
+    subprocess.run(["git", "checkout", "-q", "--", "wsgi_scoped"], cwd=tree, check=True)
+    try:
+        apply(name, mutant_diff(name), tree)
+    except (LookupError, StopIteration, subprocess.CalledProcessError) as error:
+        return f"not applied ({error})"
+    try:
+        code = run_tests(files, tree)
     finally:
         subprocess.run(
             ["git", "checkout", "-q", "--", "wsgi_scoped"], cwd=tree, check=True
         )
-    return "SURVIVED" if run.returncode == 0 else "killed"
+    if code is None:
+        return "killed (timeout)"
+    return "SURVIVED" if code == 0 else "killed"
 
 
 def main() -> None:
@@ -153,8 +167,16 @@ def main() -> None:
         ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
     subprocess.run(["git", "checkout", "-q", "--detach", head], cwd=tree, check=True)
+    passed: set[tuple[str, ...]] = set()
     for name in arguments.names:
-        print(f"{name}: {check(name, tree, arguments.tests)}", flush=True)
+        files = test_files(name, arguments.tests)
+        # A kill counts only if the same tests pass without the mutant.
+        if tuple(files) not in passed:
+            subprocess.run(["git", "checkout", "-q", "--", "wsgi_scoped"], cwd=tree)
+            if run_tests(files, tree) != 0:
+                sys.exit(f"{' '.join(files)} fail without any mutant: fix them first")
+            passed.add(tuple(files))
+        print(f"{name}: {check(name, tree, files)}", flush=True)
 
 
 if __name__ == "__main__":
