@@ -523,6 +523,24 @@ def test_a_replica_exactly_at_the_lag_limit_serves_reads() -> None:
     assert _servers._within_lag(primary, [at_limit, over], 100, now) == [at_limit]
 
 
+def test_a_lag_measured_one_interval_ago_is_measured_again(
+    pair: replica_pair.Pair,
+) -> None:
+    """A measurement stands for less than LAG_INTERVAL seconds: half an
+    interval old, it is kept; exactly one interval old, it is taken again."""
+    with database(pair.primary, pair.standby) as db:
+        primary, replica = db._router.servers  # type: ignore[union-attr]
+        now = time.monotonic()
+        replica.lag, replica.measured = 12345, now - 0.5
+        assert _servers.LAG_INTERVAL == 1.0
+        _servers._measure(primary, [replica], now)
+        assert (replica.lag, replica.measured) == (12345, now - 0.5)
+        replica.measured = now - _servers.LAG_INTERVAL
+        _servers._measure(primary, [replica], now)
+        assert replica.measured == now
+        assert replica.lag != 12345  # measured: 0 unless the pair is busy
+
+
 def test_a_failed_lag_measurement_never_fails_the_health_check(
     pair: replica_pair.Pair, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import inspect
 import logging
 import os
 import re
@@ -659,6 +660,15 @@ def test_wait_for_replica_needs_a_replica_and_a_server(pair: replica_pair.Pair) 
     with pytest.raises(TypeError, match="The replica helpers need a wsgi_scoped"):
         wait_for_replica(42, pair.standby)  # type: ignore[arg-type]
     plain.engine.dispose()
+
+
+def test_wait_for_replica_waits_ten_seconds_by_default() -> None:
+    """README, "Testing with read replicas": "After timeout seconds (default
+    10)"; the wait itself is tested with shorter timeouts."""
+    timeout = inspect.signature(wait_for_replica).parameters["timeout"]
+    assert timeout.default == 10
+    readme = Path(__file__).parent.parent / "README.rst"
+    assert "(default 10)" in " ".join(readme.read_text().split())
 
 
 README_APP = """
