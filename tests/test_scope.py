@@ -3,6 +3,7 @@ and nothing stays registered or checked out afterwards."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from sqlalchemy.orm import sessionmaker
 from wsgi_scoped import Database
 from wsgi_scoped import ScopedSessionMiddleware
 from wsgi_scoped import get_ident
+from wsgi_scoped import scope
 
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
@@ -259,10 +261,17 @@ def test_greenlets_sharing_a_thread_local_registry_are_warned(engine: Engine) ->
 
     registry = scoped_session(sessionmaker(engine))
     app = ScopedSessionMiddleware(switching_app(registry, [], lambda: None), registry)
-    with pytest.warns(WsgiScopedWarning, match="would share one session"):
+    with pytest.warns(WsgiScopedWarning) as record:
         job = gevent.spawn(get, app, "/shared", "list")
         job.join(timeout=10)
     assert job.value == b"done"
+    [warning] = record
+    assert str(warning.message) == scope._SHARED
+    assert scope._SHARED.startswith("This request runs in a greenlet, but the registry")
+    # It points at the code that called the middleware: the server's.
+    lines, first = inspect.getsourcelines(serve)
+    call = first + next(i for i, line in enumerate(lines) if "app(environ" in line)
+    assert (warning.filename, warning.lineno) == (serve.__code__.co_filename, call)
     # Checked once per middleware: the next request is quiet.
     job = gevent.spawn(get, app, "/again", "list")
     job.join(timeout=10)
@@ -311,7 +320,7 @@ for name, registry in registries.items():
         warnings.simplefilter("always")
         wrapped = ScopedSessionMiddleware(app, registry)
         gevent.spawn(wrapped, {{}}, lambda *a: None).join(timeout=10)
-    report[name] = [str(w.message)[:40] for w in caught]
+    report[name] = [[w.category.__name__, str(w.message)] for w in caught]
 print(json.dumps(report))
 """
 
@@ -327,8 +336,9 @@ def test_gevent_diagnostics_after_monkey_patching(psycogreen: bool) -> None:
     pytest.importorskip("psycopg2")
     script = GEVENT_DIAGNOSTICS.format(psycogreen=psycogreen)
     report = run_script(script)
-    shared = "This request runs in a greenlet, but the"
-    blocking = [] if psycogreen else ["psycopg2 is used under gevent without a "]
+    shared = ["WsgiScopedWarning", scope._SHARED]
+    blocking = [] if psycogreen else [["WsgiScopedWarning", scope._PSYCOPG2]]
+    assert scope._PSYCOPG2.startswith("psycopg2 is used under gevent without a")
     assert report["made before patching"] == [shared, *blocking]
     assert report["made after patching"] == blocking
     assert report["keyed by get_ident"] == blocking
