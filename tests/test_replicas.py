@@ -610,21 +610,55 @@ def test_a_paused_replica_has_a_write_once_waited_for(
     """paused_replica() holds a write back on the replica, deterministically;
     wait_for_replica() waits for the write once replay resumes."""
     primary: t.Any = pair.primary
-    replica: t.Any = pair.standby
+    replica: t.Any = pair.standby.set(password="hunter2")  # trust: not asked
     if given == "engines":
         primary, replica = db.engine, db.replicas[0]
     name = uuid.uuid4().hex
     with paused_replica(replica):
         insert(db, name)
-        with pytest.raises(TimeoutError, match="did not replay the primary's WAL"):
+        with pytest.raises(TimeoutError) as caught:
             wait_for_replica(primary, replica, timeout=0.1)
         assert not on_replica(db, name)
+    where = (db.replicas[0].url if given == "engines" else replica).render_as_string(
+        hide_password=True
+    )
+    assert re.fullmatch(
+        f"The replica {re.escape(where)} did not replay the primary's WAL up to"
+        r" [0-9A-F]+/[0-9A-F]+ within 0.1 s. Is its replay paused"
+        r" \(paused_replica\(\) around this call\), and is it a streaming"
+        " standby of this primary\\?",
+        str(caught.value),
+    )
+    assert "hunter2" not in str(caught.value)
     lsn = wait_for_replica(primary, replica)
     assert LSN.fullmatch(lsn)
     assert on_replica(db, name)
     with db.engine.connect() as connection:
         ahead = text("SELECT pg_current_wal_lsn() >= CAST(:lsn AS pg_lsn)")
         assert connection.execute(ahead, {"lsn": lsn}).scalar() is True
+
+
+def test_wait_for_replica_waits_for_a_replica_to_resume(db: Database) -> None:
+    """Replay resumes 0.3 s into the wait: the wait ends then, well within
+    its timeout, with the write on the replica."""
+    name = uuid.uuid4().hex
+    paused = threading.Event()
+
+    def hold_back() -> None:
+        with paused_replica(db.replicas[0]):
+            insert(db, name)
+            paused.set()
+            time.sleep(0.3)
+
+    holder = threading.Thread(target=hold_back)
+    holder.start()
+    assert paused.wait(timeout=10)
+    started = time.monotonic()
+    wait_for_replica(db, timeout=10)
+    waited = time.monotonic() - started
+    holder.join()
+    assert 0.2 < waited < 10
+    assert on_replica(db, name)
 
 
 def test_wait_for_replica_waits_for_each_replica_of_a_database(db: Database) -> None:
