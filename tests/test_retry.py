@@ -337,6 +337,44 @@ def test_retried_attempt_reads_like_a_file(
     assert seen == [[BODY[:first]], expected]
 
 
+class ServerInput:
+    """A server's wsgi.input whose readline() takes no size: PEP 3333 lets
+    servers leave it out ("the optional size argument to readline() is not
+    supported")."""
+
+    def __init__(self, body: bytes) -> None:
+        self._file = io.BytesIO(body)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._file.read(size)
+
+    def readline(self) -> bytes:
+        return self._file.readline()
+
+
+def test_readline_without_a_size_reaches_a_server_input_that_takes_none(
+    locked_engine: tuple[Engine, str], environ: WSGIEnvironment, conflict: Conflict
+) -> None:
+    """The app reads lines with readline(), on both attempts; the recording
+    passes no size on to the server's input, which accepts none."""
+    engine, _ = locked_engine
+    seen: list[list[bytes]] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        stream = environ["wsgi.input"]
+        seen.append([stream.readline(), stream.readline(), stream.readline()])
+        conflict.meet(registry)
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    wrapped, registry = middleware(app, engine)
+    environ["REQUEST_METHOD"] = "POST"
+    environ["wsgi.input"] = ServerInput(b"one\ntwo\n")
+    environ["CONTENT_LENGTH"] = "8"
+    assert serve(wrapped, environ, StartResponseRecorder()) == b"ok"
+    assert seen == [[b"one\n", b"two\n", b""]] * 2
+
+
 def spools_of(
     engine: Engine,
     conflict: Conflict,
