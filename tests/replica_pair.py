@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import glob
+import json
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import typing as t
 from pathlib import Path
@@ -33,6 +37,12 @@ _PROGRAMS = ("initdb", "pg_ctl", "pg_basebackup", "postgres")
 RUN_AS = "postgres"
 #: Seconds any step of starting or stopping the pair may take.
 _TIMEOUT = 60
+#: Directories of pairs already running (``python tests/replica_pair.py``
+#: prints one), separated by ":". A test session borrows one that no other
+#: session holds instead of starting its own, and leaves it running:
+#: mutation testing runs thousands of short sessions (README: Mutation
+#: testing).
+RUNNING = "WSGI_SCOPED_PAIRS"
 
 
 @dataclasses.dataclass
@@ -156,6 +166,8 @@ def run_pair() -> t.Iterator[Pair]:
             database="postgres",
         )
         pair = Pair(url.set(port=primary_port), url.set(port=standby_port), directory)
+        ports = {"primary": primary_port, "standby": standby_port}
+        (directory / "pair.json").write_text(json.dumps(ports))
         with _engine(pair.primary) as primary:
             with primary.begin() as connection:
                 connection.execute(
@@ -180,8 +192,43 @@ def pair_or_skip() -> t.Iterator[Pair]:
         if os.environ.get("WSGI_SCOPED_REQUIRE_SERVERS"):
             pytest.fail(reason)
         pytest.skip(reason)
-    with run_pair() as running:
-        yield running
+    with contextlib.ExitStack() as stack:
+        yield _borrow(stack) or stack.enter_context(run_pair())
+
+
+def _borrow(stack: contextlib.ExitStack) -> Pair | None:
+    """A running pair of :data:`RUNNING` that no other session holds (a
+    lock on its directory, released by ``stack``), as a fresh one would be:
+    both servers up, replay resumed and caught up. ``None`` if none is free.
+    """
+    for name in filter(None, os.environ.get(RUNNING, "").split(":")):
+        directory = Path(name)
+        lock = (directory / "lock").open("w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        stack.callback(lock.close)
+        ports = json.loads((directory / "pair.json").read_text())
+        url = URL.create(
+            "postgresql+psycopg", username="postgres", host="127.0.0.1"
+        ).set(database="postgres")
+        pair = Pair(
+            url.set(port=ports["primary"]), url.set(port=ports["standby"]), directory
+        )
+        # A session killed halfway may have left a server stopped or replay
+        # paused.
+        for server in ("primary", "standby"):
+            try:
+                _run(["pg_ctl", "-D", server, "status"], directory)
+            except RuntimeError:  # exit status 3: not running
+                start(pair, server)  # type: ignore[arg-type]
+        with _engine(pair.standby) as standby, standby.connect() as connection:
+            connection.execute(text("SELECT pg_wal_replay_resume()"))
+        wait_for_replica(pair.primary, pair.standby, timeout=_TIMEOUT)
+        return pair
+    return None
 
 
 @contextlib.contextmanager
@@ -203,3 +250,11 @@ def start(pair: Pair, server: t.Literal["primary", "standby"]) -> None:
     """Start a server that :func:`stop` stopped, on its port again."""
     url = pair.primary if server == "primary" else pair.standby
     _start(pair.directory, server, t.cast(int, url.port))
+
+
+if __name__ == "__main__":
+    # Start a pair for RUNNING, print its directory, stop it on SIGTERM.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with run_pair() as running:
+        print(running.directory, flush=True)
+        signal.pause()
