@@ -556,13 +556,27 @@ def test_a_failed_lag_measurement_never_fails_the_health_check(
         assert isinstance(logged.exc_info[1], PoolTimeout)  # type: ignore[index]
 
 
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
 def test_a_write_on_a_replica_engine_outside_requests_names_the_fix(
-    pair: replica_pair.Pair,
+    pair: replica_pair.Pair, driver: str
 ) -> None:
-    with database(pair.primary, pair.standby) as db:
+    """psycopg 3 reports the SQLSTATE as ``sqlstate``, psycopg2 as
+    ``pgcode``: either way the write is recognised."""
+    urls = [
+        u.set(drivername=f"postgresql+{driver}") for u in (pair.primary, pair.standby)
+    ]
+    with database(*urls) as db:
         with db.replicas[0].connect() as connection:
-            with pytest.raises(ReplicaWriteError, match="SQLSTATE 25006"):
+            with pytest.raises(ReplicaWriteError) as caught:
                 connection.execute(text("INSERT INTO item (name) VALUES ('x')"))
+    refused = str(caught.value.__cause__)  # the driver's error
+    assert refused.startswith("cannot execute INSERT in a read-only transaction")
+    assert str(caught.value) == (
+        f"This request is served by a read replica, which refuses writes (SQLSTATE"
+        f" 25006): {refused}. Requests with a safe method (GET, HEAD, OPTIONS)"
+        " read from a replica. Fix: call db.use_primary() in the handler before"
+        " its first query, or send the write with POST, PUT, PATCH or DELETE."
+    )
 
 
 def test_with_the_primary_down_the_lag_limit_is_suspended(

@@ -30,6 +30,7 @@ from .exceptions import ReplicaWriteError
 from .exceptions import WsgiScopedError
 from .exceptions import _log_failure
 from .middleware import _ATTEMPT
+from .transaction import _sqlstate
 
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
@@ -223,7 +224,7 @@ class _Router:
         if server.connection_failed(context):
             return None
         error = context.original_exception
-        if getattr(error, "sqlstate", None) != _READ_ONLY:
+        if _sqlstate(error) != _READ_ONLY:
             return None
         route = self._current.get()
         if route is not None:
