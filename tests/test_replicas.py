@@ -29,6 +29,8 @@ from sqlalchemy import create_engine
 from sqlalchemy import event
 from sqlalchemy import text
 from sqlalchemy.exc import ProgrammingError
+from sqlalchemy.orm import scoped_session
+from sqlalchemy.orm import sessionmaker
 from support import CheckedTestApp
 from support import http_call
 from support import in_child
@@ -37,6 +39,7 @@ from support import replica_app_server
 from wsgi_scoped import Database
 from wsgi_scoped import ReplicaWriteError
 from wsgi_scoped import RequestStats
+from wsgi_scoped import ScopedSessionMiddleware
 from wsgi_scoped import WsgiScopedError
 from wsgi_scoped import after_commit
 from wsgi_scoped.observe import STATS_KEY
@@ -549,6 +552,22 @@ def test_statistics_and_server_timing_say_which_role_served(
         assert f'desc="{timing}"' in server_timing
         assert stats.statements == 2
     assert f"role={role!r}" in repr(stats)
+
+
+def test_replica_statements_are_counted_when_the_primary_was_observed_first(
+    db: Database,
+) -> None:
+    """Another layer with statistics on a registry bound to the primary
+    alone observed it first: the Database's layer still counts what runs on
+    its replicas."""
+    other = scoped_session(sessionmaker(db.engine))
+    ScopedSessionMiddleware(lambda environ, start_response: [], other, stats=True)
+    seen = Seen()
+    client(db, seen, stats=True).get("/")
+    stats = seen.stats[-1]
+    assert stats is not None
+    assert (stats.role, stats.statements) == ("replica", 2)
+    assert seen.replica[-1] is True
 
 
 def test_no_role_without_a_statement_or_without_replicas(
