@@ -484,6 +484,28 @@ def test_replay_limit_is_inclusive(
     assert not registry.registry.has()
 
 
+def test_a_body_past_the_limit_keeps_nothing_more(
+    locked_engine: tuple[Engine, str], environ: WSGIEnvironment
+) -> None:
+    """Once the app has read past ``replay_limit`` the request cannot be
+    replayed, and nothing it reads after is kept, in memory or on disk."""
+    engine, _ = locked_engine
+    kept: list[object] = []
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        stream = environ["wsgi.input"]
+        pieces = list(iter(lambda: stream.read(30), b""))
+        kept.append((stream.replayable, stream._spool, [len(p) for p in pieces]))
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    wrapped, _ = middleware(app, engine, replay_memory=10, replay_limit=100)
+    environ["wsgi.input"] = io.BytesIO(b"z" * 125)
+    environ["wsgi.input_terminated"] = True  # no length: recorded as read
+    assert serve(wrapped, environ, StartResponseRecorder()) == b"ok"
+    assert kept == [(False, None, [30, 30, 30, 30, 5])]
+
+
 def test_body_never_read_is_never_waited_for(
     locked_engine: tuple[Engine, str], environ: WSGIEnvironment
 ) -> None:

@@ -471,11 +471,7 @@ class _Replay:
         self._spool.seek(self._position)
         data = self._spool.readline(want) if line else self._spool.read(want)
         self._position += len(data)
-        if size >= 0:
-            return data, size - len(data)
-        if line and data.endswith(b"\n"):
-            return data, 0
-        return data, size
+        return data, size - len(data) if size >= 0 else size
 
     def _record(self, data: bytes) -> bytes:
         if self.replayable and data:
