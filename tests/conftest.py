@@ -119,6 +119,15 @@ def start_response() -> StartResponseRecorder:
     return StartResponseRecorder()
 
 
+def unavailable(body: bytes) -> list[tuple[str, str]]:
+    """The headers of the middleware's 503 answer whose body is ``body``."""
+    return [
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Content-Length", str(len(body))),
+        ("Retry-After", "1"),
+    ]
+
+
 def serve(app: WSGIApplication, environ: WSGIEnvironment, start: t.Any) -> bytes:
     """Act as the server: iterate the body and close it."""
     body = app(environ, start)
