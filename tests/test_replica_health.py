@@ -416,8 +416,10 @@ def test_a_recovery_conflict_on_the_standby_is_retried(
 ) -> None:
     """A real recovery conflict: the standby cancels a read that holds a lock
     the primary's ``LOCK TABLE`` needs replayed ("canceling statement due to
-    conflict with recovery", SQLSTATE 40001); the request is retried and
-    answers 200."""
+    conflict with recovery", SQLSTATE 40001); the request is retried, on a
+    replica again, and answers 200. (Only the retry of a write a replica
+    refused goes to the primary: an earlier such request on this thread
+    changes nothing.)"""
     errors: list[t.Any] = []
     sleeping = text(
         "SELECT count(*) FROM pg_stat_activity"
@@ -454,6 +456,13 @@ def test_a_recovery_conflict_on_the_standby_is_retried(
             start_response("200 OK", [])
             return [b"ok"]
 
+        def writing(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+            db().execute(text("INSERT INTO item (name) VALUES ('in a GET')"))
+            start_response("200 OK", [])
+            return [b"ok"]
+
+        refused = db.middleware(writing, commit=True, retries=1, retry_backoff=0)
+        assert call(refused, "GET")[0] == "200 OK"  # its retry ran on the primary
         locker = threading.Thread(target=lock_when_the_read_runs)
         locker.start()
         wrapped = db.middleware(app, commit=True, retries=1, retry_backoff=0)
