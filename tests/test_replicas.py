@@ -315,6 +315,39 @@ def test_a_write_on_a_replica_names_the_fix(db: Database) -> None:
         assert found.first() is None
 
 
+def test_a_refused_write_without_retries_leaves_the_next_request_alone(
+    db: Database,
+) -> None:
+    """Without retries (commit=False) the refused write fails its request;
+    the next GET on this thread reads a replica as any other."""
+    seen = Seen()
+    app = client(db, seen)
+    with pytest.raises(ReplicaWriteError):
+        app.get(f"/?write={uuid.uuid4().hex}")
+    app.get("/")
+    assert seen.replica == [True]  # the write failed before its report
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_a_statement_that_names_its_server_runs_there(
+    db: Database, method: str
+) -> None:
+    """``bind_arguments={"bind": engine}`` wins over the request's route,
+    as it does on any Session; the request's other statements keep theirs."""
+    servers: list[tuple[bool, bool]] = []
+    in_recovery = text("SELECT pg_is_in_recovery()")
+    other = db.replicas[0] if method == "POST" else db.engine
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        named = db().execute(in_recovery, bind_arguments={"bind": other}).scalar()
+        servers.append((named, db().execute(in_recovery).scalar()))
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    webtest.TestApp(db.middleware(app)).request("/", method=method)
+    assert servers == [(method == "POST", method == "GET")]
+
+
 def test_other_errors_on_a_replica_are_unchanged(db: Database) -> None:
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
         db().execute(text("SELECT * FROM no_such_table"))

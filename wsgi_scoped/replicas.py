@@ -266,12 +266,13 @@ def _token(environ: WSGIEnvironment) -> str | None:
 
 class _RoutedSession(Session):
     """A Session whose statements all go to its request's server, unless it
-    was bound to something else, such as the pytest plugin's connection."""
+    was bound to something else, such as the pytest plugin's connection, or
+    a statement names its own (``bind_arguments={"bind": ...}``)."""
 
     _router: t.ClassVar[_Router]
 
     def get_bind(self, *args: t.Any, **kwargs: t.Any) -> Engine | Connection:
-        if self.bind is not self._router.primary:
+        if self.bind is not self._router.primary or kwargs.get("bind") is not None:
             return super().get_bind(*args, **kwargs)
         return self._router.engine()
 
