@@ -228,6 +228,23 @@ def test_a_callable_sets_each_requests_deadline(db: Database) -> None:
     assert len([statement for statement in sent if SET_CONFIG in statement]) == 2
 
 
+def test_a_callable_object_returning_no_deadline_is_named_by_its_class(
+    db: Database,
+) -> None:
+    """An object with ``__call__`` has no ``__qualname__`` of its own."""
+
+    class Budget:
+        def __call__(self, environ: WSGIEnvironment) -> float:
+            return 0
+
+    with pytest.raises(ValueError) as caught:
+        call(db.middleware(Handler(db), deadline=Budget()))
+    assert str(caught.value) == (
+        f"The 'deadline' callable '{Budget.__qualname__}' returned 0: it must"
+        " return a number of seconds > 0, or None for no deadline."
+    )
+
+
 @pytest.mark.parametrize(
     ("returned", "error", "shown"),
     [
@@ -300,11 +317,10 @@ def test_a_deadline_needs_a_registry_bound_to_one_engine() -> None:
     custom = scoped_session(lambda: factory())
     with pytest.raises(TypeError) as caught:
         ScopedSessionMiddleware(Handler(custom), custom, deadline=1)
-    assert str(caught.value).startswith(
-        "'deadline' needs a registry whose session factory is a sessionmaker"
-    )
-    assert str(caught.value).endswith(
-        " Create the registry with scoped_session(sessionmaker(engine))."
+    assert str(caught.value) == (
+        "'deadline' needs a registry whose session factory is a sessionmaker,"
+        f" got {custom.session_factory!r}. Create the registry with"
+        " scoped_session(sessionmaker(engine))."
     )
     # A plain registry bound to a PostgreSQL engine is enough.
     plain = scoped_session(factory)
