@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import http.client
+import inspect
 import json
 import os
 import sys
@@ -22,6 +23,7 @@ from sqlalchemy import create_engine
 from sqlalchemy import event
 from sqlalchemy import make_url
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 from support import SilentHost
 from support import free_port
 from support import running
@@ -113,7 +115,11 @@ def test_health_check_methods_and_arguments(tmp_path: t.Any) -> None:
     db = Database(f"sqlite:///{tmp_path / 'h.db'}")
     check = HealthCheck(db)
     assert probe(check, "HEAD") == ("200 OK", {})
-    assert probe(check, "POST")[0] == "405 Method Not Allowed"
+    refused = StartResponseRecorder()
+    assert check({"REQUEST_METHOD": "POST"}, refused) == [b""]
+    assert refused.calls == [("405 Method Not Allowed", [("Allow", "GET, HEAD")], None)]
+    # README: HealthCheck(db, timeout=2.0)
+    assert inspect.signature(HealthCheck).parameters["timeout"].default == 2.0
     with pytest.raises(ValueError, match="'timeout' must be a number of seconds > 0"):
         HealthCheck(db, timeout=0)
     with pytest.raises(TypeError, match="Health checks need a wsgi_scoped.Database"):
@@ -316,6 +322,47 @@ def test_health_check_leaves_pooled_connections_unbounded() -> None:
         assert db.engine.pool.checkedin() == 2  # the check's connection, and one more
     finally:
         db.engine.dispose()
+
+
+def test_health_check_restores_a_configured_read_timeout() -> None:
+    """A PyMySQL ``read_timeout`` set by the application is the one the
+    check's connection has once the pool hands it to a request."""
+    db = Database(server_url("mysql"), connect_args={"read_timeout": 1})
+    try:
+        assert probe(HealthCheck(db, timeout=5))[0] == "200 OK"
+        assert db.engine.pool.checkedin() == 1
+        with db.engine.connect() as reused:
+            with pytest.raises(OperationalError, match="timed out"):
+                reused.scalar(text("SELECT SLEEP(3)"))
+    finally:
+        db.engine.dispose()
+
+
+@pytest.mark.parametrize(("timeout", "bound"), [(0.5, 2), (2.5, 3)])
+def test_health_check_bounds_its_connection_attempts(
+    timeout: float, bound: int
+) -> None:
+    """libpq's ``connect_timeout`` is whole seconds, at least 2 (libpq
+    treats 1 as 2): the check's timeout rounded up."""
+    engine = create_engine(server_url("postgresql"))
+    seen: list[object] = []
+    check = HealthCheck(engine, timeout=timeout)
+    event.listen(
+        engine,
+        "do_connect",
+        lambda dialect, record, cargs, cparams: seen.append(
+            cparams.get("connect_timeout")
+        ),
+    )
+    try:
+        assert probe(check)[0] == "200 OK"
+        with engine.connect():
+            pass  # a connection made outside the check is not bounded
+        with engine.connect(), engine.connect():
+            pass
+        assert seen == [bound, None]
+    finally:
+        engine.dispose()
 
 
 def test_health_checks_on_one_engine_bound_connects_once() -> None:
