@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import fcntl
 import os
+import random
+import tempfile
 import typing as t
 import wsgiref.util
 from pathlib import Path
@@ -9,6 +12,7 @@ from types import ModuleType
 import pytest
 from sqlalchemy import Engine
 from sqlalchemy import create_engine
+from sqlalchemy import make_url
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session
@@ -30,6 +34,36 @@ SERVER_URLS = {
     "postgresql": "TEST_POSTGRESQL_URL",
     "mysql": "TEST_MYSQL_URL",
 }
+#: Databases, comma-separated, that test sessions running at once on the
+#: same servers take one each of (mutation testing: README, "Mutation
+#: testing"); the tests create tables of fixed names.
+DATABASES = "WSGI_SCOPED_DATABASES"
+_held: dict[int, t.IO[str]] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With :data:`DATABASES` set, take a database that no other session
+    holds (a lock until the session ends) and point the server URLs, which
+    subprocesses inherit, at it."""
+    names = [name for name in os.environ.get(DATABASES, "").split(",") if name]
+    if not names or os.getpid() in _held:
+        return
+    for attempt, name in enumerate([*names, random.choice(names)]):
+        path = Path(tempfile.gettempdir()) / f"wsgi_scoped_database_{name}.lock"
+        lock = path.open("w")
+        wait = attempt == len(names)  # the last attempt waits for its database
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            lock.close()
+            continue
+        _held[os.getpid()] = lock
+        config.add_cleanup(lambda: _held.pop(os.getpid()).close())
+        for variable in SERVER_URLS.values():
+            if os.environ.get(variable):
+                url = make_url(os.environ[variable]).set(database=name)
+                os.environ[variable] = url.render_as_string(hide_password=False)
+        return
 
 
 def server_url(backend: str) -> str:
