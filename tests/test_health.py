@@ -46,13 +46,34 @@ def test_health_check_reports_database_and_pool(backend: str, tmp_path: t.Any) -
         f"sqlite:///{tmp_path / 'h.db'}" if backend == "sqlite" else server_url(backend)
     )
     db = Database(url)
+    threads: list[str] = []
+    event.listen(
+        db.engine,
+        "before_cursor_execute",
+        lambda *args: threads.append(threading.current_thread().name),
+    )
     try:
-        status, report = probe(HealthCheck(db))
-        assert status == "200 OK"
+        start_response = StartResponseRecorder()
+        [body] = HealthCheck(db)({"REQUEST_METHOD": "GET"}, start_response)
+        assert start_response.calls == [
+            (
+                "200 OK",
+                [
+                    ("Content-Type", "application/json"),
+                    ("Content-Length", str(len(body))),
+                    ("Cache-Control", "no-store"),
+                ],
+                None,
+            )
+        ]
+        report = json.loads(body)
+        [thread] = threads  # SELECT 1, in the check's own thread
+        assert thread.startswith("wsgi_scoped-health")
         assert report["status"] == "ok"
         database = report["database"]
         assert (database["ok"], database["error"]) == (True, None)
-        assert 0 < database["seconds"] < 10
+        assert 0 < database["seconds"] < 2  # a SELECT 1 on this machine
+        assert database["seconds"] == round(database["seconds"], 4)
         assert report["pool"] == {
             "class": "QueuePool",
             "size": 5,
@@ -78,11 +99,16 @@ def test_health_check_unreachable_database_is_503(
         "error": "OperationalError",
     }
     assert "127.0.0.1" not in json.dumps(report)  # details go to the log only
-    assert "health check failed" in caplog.records[0].getMessage()
+    [record] = caplog.records
+    assert (record.levelname, record.getMessage()) == (
+        "WARNING",
+        "The database health check failed",
+    )
+    assert "127.0.0.1" in str(record.exc_info[1])  # type: ignore[index]
 
 
 def test_health_check_is_time_boxed_when_the_pool_is_exhausted(
-    tmp_path: t.Any,
+    tmp_path: t.Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A pool with no free connection stands for a hung database: the probe
     answers 503 within its timeout, says so again while the first check is
@@ -100,6 +126,9 @@ def test_health_check_is_time_boxed_when_the_pool_is_exhausted(
         )
         assert report["pool"]["checked_out"] == 1
         assert probe(check)[1]["database"]["error"] == "PreviousCheckStillRunning"
+        assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+            ("WARNING", "The database did not answer within 0.1 s")
+        ]
     finally:
         held.close()
     stuck = check._running
