@@ -24,6 +24,7 @@ from sqlalchemy import event
 from sqlalchemy import make_url
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import NullPool
 from support import SilentHost
 from support import free_port
 from support import running
@@ -84,6 +85,22 @@ def test_health_check_reports_database_and_pool(backend: str, tmp_path: t.Any) -
         assert set(report) == {"status", "database", "pool"}  # no replicas
     finally:
         db.engine.dispose()
+
+
+def test_health_check_of_a_pool_without_figures(tmp_path: t.Any) -> None:
+    """NullPool keeps no connections and has no figures: the report says
+    null for each, and the check answers."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'h.db'}", poolclass=NullPool)
+    status, report = probe(HealthCheck(engine))
+    assert status == "200 OK"
+    assert report["pool"] == {
+        "class": "NullPool",
+        "size": None,
+        "checked_out": None,
+        "checked_in": None,
+        "overflow": None,
+    }
+    engine.dispose()
 
 
 def test_health_check_unreachable_database_is_503(
