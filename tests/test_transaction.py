@@ -1090,6 +1090,38 @@ def catching_app(
     return app
 
 
+def test_an_aborted_postgresql_transaction_is_refused_behind_another_database(
+    tmp_path: t.Any, environ: WSGIEnvironment
+) -> None:
+    """A session on two databases, SQLite first: the PostgreSQL transaction
+    that a caught error aborted is found, and the commit refused."""
+    lite = create_engine(f"sqlite:///{tmp_path / 'first.db'}")
+    postgresql = create_engine(server_url("postgresql"))
+    registry = scoped_session(sessionmaker())
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        session = registry()
+        session.execute(text("SELECT 1"), bind_arguments={"bind": lite})
+        try:
+            session.execute(
+                text("SELECT * FROM no_such_table"), bind_arguments={"bind": postgresql}
+            )
+        except DBAPIError:
+            pass  # caught: the PostgreSQL transaction is aborted
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    wrapped = ScopedSessionMiddleware(app, registry, commit=True)
+    try:
+        with pytest.raises(AbortedTransactionError):
+            serve(wrapped, environ, StartResponseRecorder())
+        assert not registry.registry.has()
+        assert postgresql.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        lite.dispose()
+        postgresql.dispose()
+
+
 @pytest.mark.parametrize(
     "commit", [True, False], ids=["commit=True", "handler commits"]
 )
