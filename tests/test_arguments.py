@@ -313,6 +313,19 @@ def test_features_that_need_an_engine_name_the_fix(
     )
 
 
+def test_a_registry_bound_to_a_connection_names_what_it_is_bound_to() -> None:
+    engine = create_engine("sqlite://")
+    with engine.connect() as connection:
+        with pytest.raises(TypeError) as caught:
+            HealthCheck(scoped_session(sessionmaker(connection)))
+    assert str(caught.value) == (
+        "Health checks need a wsgi_scoped.Database, a scoped_session bound to one"
+        " Engine, or an Engine, got 'scoped_session' (bound to 'Connection')."
+        " Create the registry with scoped_session(sessionmaker(engine))."
+    )
+    engine.dispose()
+
+
 def test_features_find_the_engine_of_a_database_a_bound_registry_or_an_engine() -> None:
     db = Database("sqlite://")
     bound = scoped_session(sessionmaker(db.engine))

@@ -12,6 +12,7 @@ import pytest
 from conftest import BODY_KINDS
 from conftest import Observed
 from conftest import StartResponseRecorder
+from conftest import count_items
 from conftest import make_app
 from conftest import serve
 from conftest import server_url
@@ -481,6 +482,30 @@ def test_checkout_wait_measures_a_busy_pool(tmp_path: t.Any) -> None:
 
 def test_logger_is_wsgi_scoped() -> None:
     assert observe.logger is logging.getLogger("wsgi_scoped.middleware")
+
+
+def test_server_timing_alone_never_commits_a_bodys_work(
+    engine: Engine, environ: WSGIEnvironment
+) -> None:
+    """Server-Timing holds the status line as commit=True does, but without
+    commit=True the handlers commit their own work: a streamed body's
+    uncommitted work is rolled back."""
+    registry = scoped_session(sessionmaker(engine))
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> t.Any:
+        start_response("200 OK", [])
+
+        def body() -> t.Iterator[bytes]:
+            registry().execute(text("INSERT INTO item (name) VALUES ('body')"))
+            yield b"streamed"
+
+        return body()
+
+    recorder = StartResponseRecorder()
+    wrapped = ScopedSessionMiddleware(app, registry, server_timing=True)
+    assert serve(wrapped, environ, recorder) == b"streamed"
+    assert dict(recorder.calls[0][1])["Server-Timing"].startswith("db;dur=")
+    assert count_items(engine) == 0
 
 
 def test_work_outside_requests_is_not_counted(
