@@ -5,7 +5,10 @@ in full, not by a fragment."""
 
 from __future__ import annotations
 
+import inspect
+import re
 import typing as t
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine
@@ -17,6 +20,8 @@ from wsgi_scoped import Database
 from wsgi_scoped import ScopedSessionMiddleware
 from wsgi_scoped import default_commit_veto
 from wsgi_scoped.health import HealthCheck
+from wsgi_scoped.pytest_plugin import count_queries
+from wsgi_scoped.pytest_plugin import wait_for_replica
 
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
@@ -332,3 +337,33 @@ def test_features_find_the_engine_of_a_database_a_bound_registry_or_an_engine() 
     for database in (db, bound, db.engine):
         assert HealthCheck(database).engine is db.engine
     db.engine.dispose()
+
+
+README = Path(__file__).resolve().parent.parent / "README.rst"
+
+
+@pytest.mark.parametrize(
+    "documented",
+    [ScopedSessionMiddleware, Database, HealthCheck, wait_for_replica, count_queries],
+    ids=lambda each: each.__name__,
+)
+def test_the_api_reference_gives_each_signature(
+    documented: t.Callable[..., t.Any],
+) -> None:
+    """README's API reference shows each parameter with its default, as
+    the code has it: a default changed in one place only is caught."""
+    reference = " ".join(README.read_text().partition("API reference")[2].split())
+    name = documented.__name__
+    [shown] = re.findall(rf"``{name}\((.*?)\)``", reference)
+    signature = inspect.signature(documented)
+    expected, star = [], False
+    for each in signature.parameters.values():
+        if each.kind == each.VAR_KEYWORD:
+            expected.append(f"**{each.name}")
+            continue
+        if each.kind == each.KEYWORD_ONLY and not star:
+            expected.append("*")
+            star = True
+        default = "" if each.default is each.empty else f"={each.default!r}"
+        expected.append(f"{each.name}{default}")
+    assert shown.split(", ") == expected
