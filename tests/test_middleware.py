@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import logging
 import re
@@ -29,6 +30,7 @@ from sqlalchemy.orm import sessionmaker
 from wsgi_scoped import ScopedSessionMiddleware
 from wsgi_scoped import WsgiScopedWarning
 from wsgi_scoped import is_active
+from wsgi_scoped import middleware
 
 if t.TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
@@ -593,11 +595,15 @@ def test_stale_session_warned_and_ended(
 
     observed = Observed()
     app = ScopedSessionMiddleware(make_app(registry, "list", observed), registry)
+    warning_line = inspect.currentframe().f_lineno + 2  # type: ignore[union-attr]
     with pytest.warns(WsgiScopedWarning, match="did not call close") as record:
         app(environ, start_response)
-    message = str(record[0].message)
-    assert "used the registry without calling remove()" in message
-    assert "Fix:" in message
+    [warning] = record
+    assert str(warning.message) == middleware._STALE
+    assert "used the registry without calling remove()" in middleware._STALE
+    assert "Fix:" in middleware._STALE
+    # It points at the caller of the middleware: the server, here this test.
+    assert (warning.filename, warning.lineno) == (__file__, warning_line)
     assert stale.closed == 1  # type: ignore[attr-defined]
     assert observed.sessions[0] is not stale
     assert_ended(registry, engine, observed)
