@@ -116,6 +116,13 @@ def _start(directory: Path, name: str, port: int) -> None:
     )
 
 
+def _pair(directory: Path, primary_port: int, standby_port: int) -> Pair:
+    url = URL.create(
+        "postgresql+psycopg", username="postgres", host="127.0.0.1", database="postgres"
+    )
+    return Pair(url.set(port=primary_port), url.set(port=standby_port), directory)
+
+
 @contextlib.contextmanager
 def run_pair() -> t.Iterator[Pair]:
     """Start a primary and a hot standby streaming from it, each on a free
@@ -159,13 +166,7 @@ def run_pair() -> t.Iterator[Pair]:
         )
         _start(directory, "standby", standby_port)
         started.append("standby")
-        url = URL.create(
-            "postgresql+psycopg",
-            username="postgres",
-            host="127.0.0.1",
-            database="postgres",
-        )
-        pair = Pair(url.set(port=primary_port), url.set(port=standby_port), directory)
+        pair = _pair(directory, primary_port, standby_port)
         ports = {"primary": primary_port, "standby": standby_port}
         (directory / "pair.json").write_text(json.dumps(ports))
         with _engine(pair.primary) as primary:
@@ -211,12 +212,7 @@ def _borrow(stack: contextlib.ExitStack) -> Pair | None:
             continue
         stack.callback(lock.close)
         ports = json.loads((directory / "pair.json").read_text())
-        url = URL.create(
-            "postgresql+psycopg", username="postgres", host="127.0.0.1"
-        ).set(database="postgres")
-        pair = Pair(
-            url.set(port=ports["primary"]), url.set(port=ports["standby"]), directory
-        )
+        pair = _pair(directory, ports["primary"], ports["standby"])
         # A session killed halfway may have left a server stopped or replay
         # paused.
         for server in ("primary", "standby"):

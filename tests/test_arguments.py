@@ -107,150 +107,82 @@ NEEDS_COMMIT = (
     " work, which the middleware can neither veto nor run again. Pass"
     " commit=True, or drop '{0}'."
 )
+BOOL = "'{}' must be True or False, got {!r}."
+COUNT = "'{}' must be an int >= 0{}, got {!r}."
+SECONDS = "'{}' must be a number of seconds >= 0{}, got {!r}."
+TRACE = (
+    "'trace' must be True, False or the name of a request id header"
+    " such as 'X-Request-Id', got {!r}."
+)
+#: (options, error, the whole message): commit=True where an option needs it.
+WRONG_OPTIONS = [
+    *[
+        ({name: value}, TypeError, BOOL.format(name, value))
+        for name, value in [
+            ("commit", 1),
+            ("commit", None),
+            ("stats", 1),
+            ("server_timing", "yes"),
+        ]
+    ],
+    *[
+        ({"commit": True, name: value}, ValueError, COUNT.format(name, "", value))
+        for name, value in [
+            ("retries", -1),
+            ("retries", True),
+            ("retries", 2.0),
+            ("replay_memory", -1),
+            ("replay_memory", "1MB"),
+            ("replay_limit", 1.5),
+            ("replay_limit", -1),
+        ]
+    ],
+    *[
+        (
+            {"commit": True, "retry_backoff": value},
+            ValueError,
+            SECONDS.format("retry_backoff", "", value),
+        )
+        for value in [-1, "1s", False]
+    ],
+    (
+        {"warn_statements": -1},
+        ValueError,
+        COUNT.format("warn_statements", " or None", -1),
+    ),
+    *[
+        (
+            {"warn_db_time": value},
+            ValueError,
+            SECONDS.format("warn_db_time", " or None", value),
+        )
+        for value in ["1s", -0.5]
+    ],
+    *[({"trace": value}, TypeError, TRACE.format(value)) for value in ["", 1]],
+    (
+        {"commit": True, "commit_veto": "x"},
+        TypeError,
+        "'commit_veto' must be a callable (environ, status, headers) -> bool,"
+        " got 'str'.",
+    ),
+    ({"retries": 2}, ValueError, NEEDS_COMMIT.format("retries")),
+    (
+        {"commit_veto": default_commit_veto},
+        ValueError,
+        NEEDS_COMMIT.format("commit_veto"),
+    ),
+    (
+        {"commit_veto": default_commit_veto, "retries": 1},
+        ValueError,
+        NEEDS_COMMIT.format("commit_veto"),
+    ),
+]
 
 
 @pytest.mark.parametrize(
     ("options", "error", "message"),
-    [
-        pytest.param(
-            {"commit": 1},
-            TypeError,
-            "'commit' must be True or False, got 1.",
-            id="commit",
-        ),
-        pytest.param(
-            {"commit": None},
-            TypeError,
-            "'commit' must be True or False, got None.",
-            id="commit None",
-        ),
-        pytest.param(
-            {"commit": True, "commit_veto": "x"},
-            TypeError,
-            "'commit_veto' must be a callable (environ, status, headers) -> bool,"
-            " got 'str'.",
-            id="veto",
-        ),
-        pytest.param(
-            {"commit": True, "retries": -1},
-            ValueError,
-            "'retries' must be an int >= 0, got -1.",
-            id="negative retries",
-        ),
-        pytest.param(
-            {"commit": True, "retries": True},
-            ValueError,
-            "'retries' must be an int >= 0, got True.",
-            id="bool retries",
-        ),
-        pytest.param(
-            {"commit": True, "retries": 2.0},
-            ValueError,
-            "'retries' must be an int >= 0, got 2.0.",
-            id="float retries",
-        ),
-        pytest.param(
-            {"replay_memory": -1},
-            ValueError,
-            "'replay_memory' must be an int >= 0, got -1.",
-            id="replay_memory",
-        ),
-        pytest.param(
-            {"replay_memory": "1MB"},
-            ValueError,
-            "'replay_memory' must be an int >= 0, got '1MB'.",
-            id="replay_memory str",
-        ),
-        pytest.param(
-            {"replay_limit": 1.5},
-            ValueError,
-            "'replay_limit' must be an int >= 0, got 1.5.",
-            id="replay_limit",
-        ),
-        pytest.param(
-            {"replay_limit": -1},
-            ValueError,
-            "'replay_limit' must be an int >= 0, got -1.",
-            id="negative replay_limit",
-        ),
-        pytest.param(
-            {"retries": 2},
-            ValueError,
-            NEEDS_COMMIT.format("retries"),
-            id="retries without commit",
-        ),
-        pytest.param(
-            {"commit_veto": default_commit_veto},
-            ValueError,
-            NEEDS_COMMIT.format("commit_veto"),
-            id="veto without commit",
-        ),
-        pytest.param(
-            {"commit_veto": default_commit_veto, "retries": 1},
-            ValueError,
-            NEEDS_COMMIT.format("commit_veto"),
-            id="veto and retries without commit",
-        ),
-        pytest.param(
-            {"commit": True, "retry_backoff": -1},
-            ValueError,
-            "'retry_backoff' must be a number of seconds >= 0, got -1.",
-            id="backoff",
-        ),
-        pytest.param(
-            {"commit": True, "retry_backoff": "1s"},
-            ValueError,
-            "'retry_backoff' must be a number of seconds >= 0, got '1s'.",
-            id="backoff str",
-        ),
-        pytest.param(
-            {"commit": True, "retry_backoff": False},
-            ValueError,
-            "'retry_backoff' must be a number of seconds >= 0, got False.",
-            id="backoff bool",
-        ),
-        pytest.param(
-            {"stats": 1}, TypeError, "'stats' must be True or False, got 1.", id="stats"
-        ),
-        pytest.param(
-            {"server_timing": "yes"},
-            TypeError,
-            "'server_timing' must be True or False, got 'yes'.",
-            id="server_timing",
-        ),
-        pytest.param(
-            {"warn_statements": -1},
-            ValueError,
-            "'warn_statements' must be an int >= 0 or None, got -1.",
-            id="warn_statements",
-        ),
-        pytest.param(
-            {"warn_db_time": "1s"},
-            ValueError,
-            "'warn_db_time' must be a number of seconds >= 0 or None, got '1s'.",
-            id="warn_db_time",
-        ),
-        pytest.param(
-            {"warn_db_time": -0.5},
-            ValueError,
-            "'warn_db_time' must be a number of seconds >= 0 or None, got -0.5.",
-            id="negative warn_db_time",
-        ),
-        pytest.param(
-            {"trace": ""},
-            TypeError,
-            "'trace' must be True, False or the name of a request id header"
-            " such as 'X-Request-Id', got ''.",
-            id="trace empty",
-        ),
-        pytest.param(
-            {"trace": 1},
-            TypeError,
-            "'trace' must be True, False or the name of a request id header"
-            " such as 'X-Request-Id', got 1.",
-            id="trace int",
-        ),
-    ],
+    WRONG_OPTIONS,
+    ids=[repr(options) for options, _, _ in WRONG_OPTIONS],
 )
 def test_wrong_options_fail_at_construction(
     options: dict[str, t.Any], error: type[Exception], message: str
